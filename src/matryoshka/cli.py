@@ -1,0 +1,50 @@
+"""The `matryoshka` command: a thin dispatcher over `matryoshka.commands.*`.
+
+Each subcommand lives in its own module under `matryoshka/commands/` and exposes
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported lazily so that
+`matryoshka --help` stays fast and a missing optional dependency only breaks its own command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Keep alphabetical.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert-mlmdm": ("matryoshka.commands.convert_mlmdm", "convert an official ml-mdm checkpoint"),
+    "quickstart": ("matryoshka.commands.quickstart", "train a tiny nested model on Fashion-MNIST, then sample"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="matryoshka", description="Matryoshka Diffusion Models: train, sample, evaluate."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in sorted(COMMANDS.items()):
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        command_parser.set_defaults(_module=module_name)
+        # Only the chosen command's module is imported for its arguments (see main()).
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        parser.error(f"unknown command {name!r}; choose from {', '.join(sorted(COMMANDS))}")
+    module = importlib.import_module(COMMANDS[name][0])
+    command_parser = argparse.ArgumentParser(prog=f"matryoshka {name}", description=COMMANDS[name][1])
+    module.add_arguments(command_parser)
+    args = command_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
