@@ -1,0 +1,84 @@
+"""A tiny random T5 (weights + tokenizer) saved to disk, for tests that need a T5 without a download.
+
+`make_tiny_t5(path)` writes a directory that loads through exactly the code path users take with a
+real checkpoint: `T5TextEncoder(path)` -> AutoTokenizer + T5EncoderModel.from_pretrained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Word pieces carry the SentencePiece word-start marker, like T5's vocabulary; the single letters let
+# any lowercase ASCII word tokenize (letter by letter) without <unk>.
+TINY_T5_WORDS = [
+    *("a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "painting", "drawing"),
+    *("cat", "dog", "bird", "horse", "car", "tree", "house", "red", "green", "blue", "yellow", "black"),
+    *("white", "big", "small", "sitting", "running", "flying", "under", "over", "near", "beach", "city"),
+    *("night", "day", "snow", "grass", "river", "mountain"),
+]
+TINY_T5_PAD_ID = 0
+TINY_T5_EOS_ID = 1
+TINY_T5_UNK_ID = 2
+TINY_T5_DIM = 32
+
+
+def tiny_t5_vocab() -> list[tuple[str, float]]:
+    """(piece, log-probability) pairs of the tiny Unigram vocabulary; <pad> 0, </s> 1, <unk> 2 as in T5."""
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    words = [("\u2581" + word, -2.0) for word in TINY_T5_WORDS]
+    letters = [(chr(code), -6.0) for code in range(ord("a"), ord("z") + 1)]
+    return specials + words + [("\u2581", -4.0)] + letters
+
+
+def make_tiny_t5(path: str | Path, seed: int = 0) -> Path:
+    """Writes a randomly initialised 1-layer T5 encoder (d_model 32) and its tokenizer to `path`.
+
+    The tokenizer is a SentencePiece-style Unigram model (lowercasing, "\u2581" word marker) whose
+    post-processor appends `</s>` to every sequence, as T5's does. Returns `path`.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = tiny_t5_vocab()
+
+    backend = Tokenizer(models.Unigram(vocab, unk_id=TINY_T5_UNK_ID, byte_fallback=False))
+    backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Strip()])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", TINY_T5_EOS_ID)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="right",
+        model_max_length=512,
+    )
+    tokenizer.save_pretrained(path)
+
+    config = T5Config(
+        vocab_size=len(vocab),
+        d_model=TINY_T5_DIM,
+        d_kv=16,
+        d_ff=64,
+        num_layers=1,
+        num_heads=2,
+        pad_token_id=TINY_T5_PAD_ID,
+        eos_token_id=TINY_T5_EOS_ID,
+        decoder_start_token_id=TINY_T5_PAD_ID,
+    )
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = T5EncoderModel(config)
+    finally:
+        # Leave the caller's random stream as it was.
+        torch.random.set_rng_state(generator_state)
+    model.save_pretrained(path)
+    return path
