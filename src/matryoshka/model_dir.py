@@ -1,0 +1,96 @@
+"""A model directory, our on-disk format: config.yaml + model.safetensors (+ model_card.md).
+
+config.yaml holds an `MDMConfig`: the network, the diffusion process and which text encoder (if any)
+the model was trained with. Weights are safetensors only: loading one never runs code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from matryoshka.diffusion import DiffusionConfig
+from matryoshka.models.config import ModelConfig
+from matryoshka.models.unet import NestedUNet
+from matryoshka.typed_config import ConfigError, load_yaml, require, save_yaml
+
+CONFIG_NAME = "config.yaml"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class MDMConfig:
+    """Everything needed to rebuild and run a trained model."""
+
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    # Text encoder spec for matryoshka.conditioning.load_text_encoder ("minilm", "t5:google/flan-t5-xl").
+    text_encoder: str | None = None
+    # Names of the classes of a class-conditional model (index = label).
+    class_names: list[str] | None = None
+
+    def validate(self) -> None:
+        self.diffusion.check_levels(self.model.num_levels)
+        require(
+            self.text_encoder is None or self.model.text_dim > 0,
+            "text_encoder",
+            "is set but the model has no text conditioning (model.text_dim = 0)",
+        )
+        if self.class_names is not None:
+            require(
+                len(self.class_names) == self.model.num_classes,
+                "class_names",
+                f"has {len(self.class_names)} names for model.num_classes = {self.model.num_classes}",
+            )
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """safetensors file written atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def save_model_dir(directory: str | Path, model: NestedUNet, config: MDMConfig, card: str | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_state_dict(model.state_dict(), directory / WEIGHTS_NAME)
+    save_yaml(config, directory / CONFIG_NAME)
+    if card is not None:
+        (directory / "model_card.md").write_text(card, encoding="utf-8")
+    return directory
+
+
+def load_config(directory: str | Path) -> MDMConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a model directory: {CONFIG_NAME} is missing")
+    return load_yaml(MDMConfig, path)
+
+
+def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") -> tuple[NestedUNet, MDMConfig]:
+    """Rebuild the network from config.yaml and load model.safetensors strictly."""
+    config = load_config(directory)
+    model = NestedUNet(config.model)
+    weights = load_state_dict(Path(directory) / WEIGHTS_NAME)
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(
+            "model",
+            f"weights in {directory} do not match config.yaml: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}",
+        )
+    return model.to(device).eval(), config

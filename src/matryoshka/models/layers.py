@@ -1,0 +1,295 @@
+"""Network blocks of the NestedUNet (REFERENCE.md section 5).
+
+Parameter names follow ml-mdm's modules (norm1, conv1, time_layer, qkv, kv_cond, proj_out, ...) so
+that official checkpoints load by name. Layers whose output joins a residual path start at zero.
+Frames of a video are folded into the batch, (B * T, C, H, W), by the caller; blocks that need the
+time embedding per frame repeat it (`_match_rows`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero every parameter, so a residual branch starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def _match_rows(emb: torch.Tensor, rows: int) -> torch.Tensor:
+    """Repeat per-sample embeddings (B, D) for frames folded into the batch (B * T rows)."""
+    if emb.shape[0] == rows:
+        return emb
+    return emb.repeat_interleave(rows // emb.shape[0], dim=0)
+
+
+class SinusoidalEmbedding(nn.Module):
+    """sin/cos features of a scalar (time step or micro-conditioning value), then Linear-SiLU-Linear.
+
+    width // 8 frequencies 10000^(-k / (width // 8)): features of width // 4 channels, as ml-mdm.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        half = width // 8
+        freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000) / half))
+        self.register_buffer("freqs", freqs.unsqueeze(0), persistent=False)
+        self.width = width
+
+    def features(self, values: torch.Tensor) -> torch.Tensor:
+        """values (B,) -> (B, width // 4)."""
+        angles = values.float().view(-1, 1) * self.freqs
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class ResNet(nn.Module):
+    """GN -> SiLU -> conv3x3, FiLM by the time embedding, dropout, zero-init conv3x3, 1x1 skip."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_dim: int, groups: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_layer = nn.Linear(temb_dim, 2 * out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.conv3 = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """x (N, Cin, H, W), temb (B, D) with N a multiple of B -> (N, Cout, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.time_layer(F.silu(temb)).chunk(2, dim=1)
+        scale, shift = _match_rows(scale, h.shape[0]), _match_rows(shift, h.shape[0])
+        h = F.silu(self.norm2(h) * (1 + scale[..., None, None]) + shift[..., None, None])
+        h = self.conv2(self.dropout(h))
+        return h + (self.conv3(x) if self.conv3 is not None else x)
+
+
+class Attention(nn.Module):
+    """Self-attention over pixels plus cross-attention to text in one module (ml-mdm's SelfAttention).
+
+    Both use the same queries; the two attention results are added before the zero-init projection.
+    softmax(q k^T / sqrt(d)) equals ml-mdm's scaling of q and k by d^(-1/4) each.
+    """
+
+    def __init__(
+        self, channels: int, num_heads: int, groups: int, cond_dim: int = 0, ffn: bool = False
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.cond_dim = cond_dim
+        if cond_dim > 0:
+            self.norm_cond = nn.LayerNorm(cond_dim)
+            self.kv_cond = nn.Linear(cond_dim, 2 * channels)
+        self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
+        self.ffn = (
+            nn.Sequential(
+                nn.GroupNorm(groups, channels),
+                nn.Conv2d(channels, 4 * channels, 1),
+                nn.GELU(),
+                zero_init(nn.Conv2d(4 * channels, channels, 1)),
+            )
+            if ffn
+            else None
+        )
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, L) -> (N, heads, L, C / heads); channel c belongs to head c // (C / heads)."""
+        n, c, length = x.shape
+        return x.reshape(n, self.num_heads, c // self.num_heads, length).transpose(-1, -2)
+
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (N, C, H, W); cond (B, S, D) text states; cond_mask (B, S), 1 = attend, or None."""
+        n, c, height, width = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(n, 3 * c, -1).chunk(3, dim=1)
+        q = self._heads(q)
+        h = F.scaled_dot_product_attention(q, self._heads(k), self._heads(v))
+        if self.cond_dim > 0 and cond is not None:
+            cond = _match_rows(cond, n)
+            k_cond, v_cond = self.kv_cond(self.norm_cond(cond)).transpose(1, 2).chunk(2, dim=1)
+            mask = None
+            if cond_mask is not None:
+                mask = _match_rows(cond_mask, n).bool()
+                # A row with no token at all would give NaN; let it attend to its (zero) states instead.
+                mask = mask | ~mask.any(dim=1, keepdim=True)
+                mask = mask[:, None, None, :]
+            h = h + F.scaled_dot_product_attention(q, self._heads(k_cond), self._heads(v_cond), attn_mask=mask)
+        h = h.transpose(-1, -2).reshape(n, c, height, width)
+        x = x + self.proj_out(h)
+        if self.ffn is not None:
+            x = x + self.ffn(x)
+        return x
+
+
+class TokenSelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention over a sequence (B, S, D) with a zero-init projection."""
+
+    def __init__(self, channels: int, num_heads: int = 8) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj_out = zero_init(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = (
+            self.qkv(self.norm(x)).reshape(b, s, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
+        attn_mask = None
+        if mask is not None:
+            keep = mask.bool()
+            keep = keep | ~keep.any(dim=1, keepdim=True)
+            attn_mask = keep[:, None, None, :]
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return x + self.proj_out(h.transpose(1, 2).reshape(b, s, d))
+
+
+class TokenMLP(nn.Module):
+    """x + (LN -> Linear 4x -> GELU -> zero-init Linear)(x)."""
+
+    def __init__(self, channels: int, multiplier: int = 4) -> None:
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.LayerNorm(channels),
+            nn.Linear(channels, multiplier * channels),
+            nn.GELU(),
+            zero_init(nn.Linear(multiplier * channels, channels)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.main(x)
+
+
+class TextHeadLayer(nn.Module):
+    """A trainable transformer layer over frozen text states (ml-mdm's lm_head)."""
+
+    def __init__(self, channels: int, num_heads: int = 8) -> None:
+        super().__init__()
+        self.attn = TokenSelfAttention(channels, num_heads)
+        self.mlp = TokenMLP(channels)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.mlp(self.attn(x, mask))
+
+
+class TemporalAttention(nn.Module):
+    """Attention across the frames of each pixel, for video; zero-init output (inflation = identity).
+
+    x (B * T, C, H, W) -> same shape. Sequences are the T frames at one (b, h, w).
+    """
+
+    def __init__(self, channels: int, num_frames_max: int = 64, num_heads: int = 8) -> None:
+        super().__init__()
+        heads = num_heads if channels % num_heads == 0 else 1
+        self.attn = TokenSelfAttention(channels, heads)
+        self.mlp = TokenMLP(channels)
+        # Learned frame positions, so attention knows the order of frames.
+        self.frame_pos = nn.Parameter(torch.zeros(num_frames_max, channels))
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        n, c, h, w = x.shape
+        b = n // num_frames
+        seq = x.reshape(b, num_frames, c, h, w).permute(0, 3, 4, 1, 2).reshape(b * h * w, num_frames, c)
+        seq = seq + self.frame_pos[:num_frames]
+        out = self.mlp(self.attn(seq)) - self.frame_pos[:num_frames]
+        return out.reshape(b, h, w, num_frames, c).permute(0, 3, 4, 1, 2).reshape(n, c, h, w)
+
+
+class TemporalConv(nn.Module):
+    """Residual convolution over frames (kernel 3), zero-initialised: starts as the identity."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.conv = zero_init(nn.Conv1d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        n, c, h, w = x.shape
+        b = n // num_frames
+        y = F.silu(self.norm(x))
+        y = y.reshape(b, num_frames, c, h, w).permute(0, 3, 4, 2, 1).reshape(b * h * w, c, num_frames)
+        y = self.conv(y).reshape(b, h, w, c, num_frames).permute(0, 4, 3, 1, 2).reshape(n, c, h, w)
+        return x + y
+
+
+class ResNetBlock(nn.Module):
+    """ResNets at one resolution, each followed by its attention (and temporal) layers, then resample.
+
+    `forward` returns the output and the activations that the up path consumes as skips.
+    """
+
+    def __init__(
+        self,
+        in_out: list[tuple[int, int]],
+        temb_dim: int,
+        groups: int,
+        dropout: float,
+        attention_layers: int = 0,
+        num_heads: int = 8,
+        attention_groups: int = 32,
+        cond_dim: int = 0,
+        ffn: bool = False,
+        resample: str | None = None,  # "down", "up" or None
+        temporal_attention_layers: int = 0,
+        temporal_conv: bool = False,
+    ) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(ResNet(i, o, temb_dim, groups, dropout) for i, o in in_out)
+        self.num_attention_layers = attention_layers
+        if attention_layers > 0:
+            self.attn = nn.ModuleList(
+                Attention(o, num_heads, attention_groups, cond_dim, ffn)
+                for _, o in in_out
+                for _ in range(attention_layers)
+            )
+        self.num_temporal_layers = temporal_attention_layers + int(temporal_conv)
+        if self.num_temporal_layers:
+            layers = []
+            for _, o in in_out:
+                if temporal_conv:
+                    layers.append(TemporalConv(o, groups))
+                layers.extend(TemporalAttention(o, num_heads=num_heads) for _ in range(temporal_attention_layers))
+            self.t_layers = nn.ModuleList(layers)
+        width = in_out[-1][1]
+        self.resample_mode = resample
+        if resample == "down":
+            self.resample = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        elif resample == "up":
+            self.resample = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        cond_mask: torch.Tensor | None = None,
+        skips: list[torch.Tensor] | None = None,
+        num_frames: int = 1,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        activations = []
+        for i, resnet in enumerate(self.resnets):
+            if skips is not None:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = resnet(x, temb)
+            for j in range(self.num_attention_layers):
+                x = self.attn[i * self.num_attention_layers + j](x, cond, cond_mask)
+            for j in range(self.num_temporal_layers):
+                x = self.t_layers[i * self.num_temporal_layers + j](x, num_frames)
+            activations.append(x)
+        if self.resample_mode == "down":
+            x = self.resample(x)
+            activations.append(x)
+        elif self.resample_mode == "up":
+            x = self.resample(F.interpolate(x.float(), scale_factor=2, mode="nearest").to(x.dtype))
+        return x, activations

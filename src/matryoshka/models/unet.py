@@ -1,0 +1,292 @@
+"""NestedUNet: a UNet band around an inner NestedUNet, down to a core UNet (REFERENCE.md section 5).
+
+One class serves every depth: a band built from `config.levels[depth]` owns its down path, up path
+and output layer; if more levels follow it owns `inner_unet` (the next band) and two zero-initialised
+adapters. The outer down path runs until it reaches the inner band's resolution; `in_adapter` hands
+those features to the inner band, which adds them to `conv_in(x_low)`; the inner band's last feature
+map comes back through `out_adapter` and joins the outer up path. At initialisation both adapters are
+zero, so a freshly nested outer band leaves the trained inner band exactly as it was.
+
+The core (last band) also owns the conditioning layers (text projection, pooled-text embedding,
+text-head layers), as in ml-mdm, so official state dicts load by name. A video model folds frames into
+the batch: every band sees (B * T_level, C, H, W).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from matryoshka.models.config import LevelConfig, ModelConfig
+from matryoshka.models.layers import (
+    ResNetBlock,
+    SinusoidalEmbedding,
+    TextHeadLayer,
+    zero_init,
+)
+
+
+class NestedUNet(nn.Module):
+    """The denoiser of a whole pyramid.
+
+    forward(pyramid, t, ...) takes the noisy levels highest first, images (B_r, C, H_r, W_r) or videos
+    (B_r, C, T_r, H_r, W_r), and returns one prediction per level in the same layout. B_r may shrink
+    towards the top (mixed-resolution batches: only the leading rows carry the high levels).
+    """
+
+    def __init__(self, config: ModelConfig, depth: int = 0) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.depth = depth
+        level: LevelConfig = config.levels[depth]
+        self.level = level
+        self.is_core = depth == config.num_levels - 1
+        temb_dim = level.time_embedding_dim
+        cond_dim = config.cond_dim
+        attention_groups = level.attention_norm_groups or level.norm_groups
+
+        # Time embedding (and micro-conditioning, each its own small MLP on a sinusoid).
+        self.time_features = SinusoidalEmbedding(temb_dim)
+        self.temb_layer1 = nn.Linear(temb_dim // 4, temb_dim)
+        self.temb_layer2 = nn.Linear(temb_dim, temb_dim)
+        self.micro_defaults = dict(level.micro_conditioning)
+        if self.micro_defaults:
+            self.cond_layers = nn.ModuleDict(
+                {
+                    name: nn.ModuleList(
+                        [nn.Linear(temb_dim // 4, temb_dim), zero_init(nn.Linear(temb_dim, temb_dim))]
+                    )
+                    for name in self.micro_defaults
+                }
+            )
+
+        # Conditioning layers live in the core (ml-mdm's layout); class labels in the outermost band.
+        if self.is_core and config.text_dim > 0:
+            if config.text_proj_dim > 0:
+                self.lm_proj = nn.Linear(config.text_dim, config.text_proj_dim)
+            self.lm_head = nn.ModuleList(TextHeadLayer(cond_dim) for _ in range(config.num_text_head_layers))
+            if config.pooled_text:
+                self.cond_emb = nn.Linear(cond_dim, temb_dim, bias=False)
+        if depth == 0 and config.num_classes > 0:
+            # Index num_classes is the null label used for classifier-free guidance.
+            self.label_emb = nn.Embedding(config.num_classes + 1, config.levels[-1].time_embedding_dim)
+
+        # Down path: conv_in, then one block per resolution; remember the width of every skip.
+        width = level.channels[0]
+        self.conv_in = nn.Conv2d(config.in_channels, width, 3, padding=1)
+        skip_widths = [width]
+        last = len(level.channels) - 1
+        blocks = []
+        for i, out_width in enumerate(level.channels):
+            in_out = []
+            for _ in range(level.num_res_blocks[i]):
+                in_out.append((width, out_width))
+                width = out_width
+                skip_widths.append(width)
+            if i != last:
+                skip_widths.append(width)
+            blocks.append(self._block(in_out, level, i, cond_dim, attention_groups, "down" if i != last else None))
+        self.down_blocks = nn.ModuleList(blocks)
+
+        if level.mid_block:
+            self.mid_blocks = nn.ModuleList(
+                [
+                    ResNetBlock(
+                        [(width, width)], temb_dim, level.norm_groups, level.dropout, 1, level.num_heads,
+                        attention_groups, cond_dim, level.attention_ffn,
+                    ),
+                    ResNetBlock([(width, width)], temb_dim, level.norm_groups, level.dropout),
+                ]
+            )
+
+        # Up path: one more ResNet per resolution than the down path, each eating one skip.
+        blocks = []
+        for i in reversed(range(len(level.channels))):
+            in_out = []
+            for _ in range(level.num_res_blocks[i] + 1):
+                in_out.append((width + skip_widths.pop(), level.channels[i]))
+                width = level.channels[i]
+            blocks.append(self._block(in_out, level, i, cond_dim, attention_groups, "up" if i != 0 else None))
+        self.up_blocks = nn.ModuleList(blocks)
+
+        self.norm_out = nn.GroupNorm(level.norm_groups, width)
+        self.conv_out = zero_init(nn.Conv2d(width, config.output_channels, 3, padding=1))
+
+        if not self.is_core:
+            inner_width = config.levels[depth + 1].channels[0]
+            self.inner_unet = NestedUNet(config, depth + 1)
+            self.in_adapter = (
+                zero_init(nn.Conv2d(level.channels[-1], inner_width, 3, padding=1)) if level.inner_input else None
+            )
+            self.out_adapter = zero_init(nn.Conv2d(inner_width, level.channels[-1], 3, padding=1))
+
+    def _block(self, in_out, level: LevelConfig, i: int, cond_dim: int, attention_groups: int, resample):
+        return ResNetBlock(
+            in_out,
+            level.time_embedding_dim,
+            level.norm_groups,
+            level.dropout,
+            attention_layers=level.attention_at(i),
+            num_heads=level.num_heads,
+            attention_groups=attention_groups,
+            cond_dim=cond_dim if level.attention_at(i) else 0,
+            ffn=level.attention_ffn,
+            resample=resample,
+            temporal_attention_layers=level.temporal_at(i),
+            temporal_conv=level.temporal_conv and bool(self.config.num_frames),
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Embeddings
+    def _sinusoid_mlp(self, values: torch.Tensor, layers: tuple[nn.Module, nn.Module]) -> torch.Tensor:
+        return layers[1](F.silu(layers[0](self.time_features.features(values))))
+
+    def time_embedding(self, t: torch.Tensor, micros: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """t (B,) -> (B, temb): the time step's embedding plus this band's micro-conditioning."""
+        temb = self._sinusoid_mlp(t, (self.temb_layer1, self.temb_layer2))
+        for name, default in self.micro_defaults.items():
+            value = (micros or {}).get(name)
+            value = torch.full_like(t, default, dtype=torch.float32) if value is None else value.float()
+            # "scale" is capped at its default (ml-mdm); other values are multiplied by 1000.
+            value = (value / default).clamp(max=1) * default if name == "scale" else value * 1000
+            temb = temb + self._sinusoid_mlp(value, self.cond_layers[name])
+        return temb
+
+    def encode_text(
+        self, states: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Text states (B, S, text_dim), mask (B, S) -> (pooled embedding (B, temb), states, mask)."""
+        if not self.is_core:
+            return self.inner_unet.encode_text(states, mask)
+        if self.config.text_dim <= 0 or states is None:
+            return None, None, None
+        if self.config.text_proj_dim > 0:
+            states = self.lm_proj(states)
+        masked = self.config.masked_cross_attention
+        for layer in self.lm_head:
+            states = layer(states, mask if masked else None)
+        if mask is None or (not masked and len(self.lm_head) > 0):
+            pooled = states.mean(dim=1)
+        else:
+            mask_f = mask.to(states.dtype)
+            pooled = (mask_f.unsqueeze(-1) * states).sum(dim=1) / mask_f.sum(dim=1, keepdim=True).clamp(min=1)
+        cond_emb = self.cond_emb(pooled) if self.config.pooled_text else None
+        return cond_emb, states, mask if masked else None
+
+    # ----------------------------------------------------------------------------------------------
+    # Forward
+    def forward(
+        self,
+        pyramid: list[torch.Tensor],
+        t: torch.Tensor,
+        text_states: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        micros: dict[str, torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """pyramid: R noisy levels, highest first; t: (B,) int time steps given to the network
+        (B = rows of the base level); text_states (B, S, text_dim) and text_mask (B, S) or None;
+        labels (B,) int with num_classes meaning "no label", or None. Returns R predictions."""
+        if len(pyramid) != self.config.num_levels:
+            raise ValueError(f"the model has {self.config.num_levels} levels, got a pyramid of {len(pyramid)}")
+        cond_emb, states, mask = self.encode_text(text_states, text_mask)
+        if self.config.num_classes > 0:
+            if labels is None:
+                labels = torch.full_like(t, self.config.num_classes)
+            label_emb = self.label_emb(labels)
+            cond_emb = label_emb if cond_emb is None else cond_emb + label_emb
+        is_video = pyramid[0].ndim == 5
+        frames = [x.shape[2] for x in pyramid] if is_video else [1] * len(pyramid)
+        levels = [_fold_frames(x) for x in pyramid]
+        outputs, _ = self._denoise(levels, frames, t, cond_emb, states, mask, micros, None)
+        if is_video:
+            outputs = [_unfold_frames(o, f) for o, f in zip(outputs, frames, strict=True)]
+        return outputs
+
+    def _denoise(self, levels, frames, t, cond_emb, states, mask, micros, features):
+        """Run this band (and its inner bands) on folded levels; returns (predictions, last features)."""
+        x_t = levels[0]
+        num_frames = frames[0]
+        temb = self.time_embedding(t, micros)
+        if cond_emb is not None:
+            temb = temb + cond_emb
+        rows = x_t.shape[0] // num_frames  # samples carrying this level
+        temb_here = temb[:rows]
+        states_here = None if states is None else states[:rows]
+        mask_here = None if mask is None else mask[:rows]
+
+        if self.level.normalize_input and not self.is_core:
+            x_t = x_t / x_t.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+        x = self.conv_in(x_t)
+        if features is not None:
+            x = x + features
+
+        skips = [x]
+        for block in self.down_blocks:
+            x, activations = block(x, temb_here, states_here, mask_here, num_frames=num_frames)
+            skips.extend(activations)
+
+        if self.is_core:
+            if self.level.mid_block:
+                x, _ = self.mid_blocks[0](x, temb_here, states_here, mask_here, num_frames=num_frames)
+                x, _ = self.mid_blocks[1](x, temb_here, num_frames=num_frames)
+            inner_outputs = []
+        else:
+            inner_rows = levels[1].shape[0] // frames[1]
+            handed = None
+            if self.in_adapter is not None:
+                handed = _to_inner_frames(self.in_adapter(x), num_frames, frames[1])
+                if inner_rows > rows:  # mixed batch: rows without this level get no features
+                    handed = torch.cat([handed, handed.new_zeros(
+                        (inner_rows - rows) * frames[1], *handed.shape[1:])])
+            inner_outputs, inner_features = self.inner_unet._denoise(
+                levels[1:], frames[1:], t, cond_emb, states, mask, micros, handed
+            )
+            back = _to_outer_frames(self.out_adapter(inner_features)[: rows * frames[1]], frames[1], num_frames)
+            x = x + back
+
+        for block in self.up_blocks:
+            x, _ = block(x, temb_here, states_here, mask_here, skips=skips, num_frames=num_frames)
+
+        out = self.conv_out(F.silu(self.norm_out(x)))
+        return [out, *inner_outputs], x
+
+
+def _fold_frames(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B * T, C, H, W); images pass through."""
+    if x.ndim == 4:
+        return x
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+def _unfold_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.reshape(n // num_frames, num_frames, c, h, w).transpose(1, 2)
+
+
+def _to_inner_frames(x: torch.Tensor, outer_frames: int, inner_frames: int) -> torch.Tensor:
+    """Features of the outer band's frames -> the inner band's (every k-th frame, as the pyramid)."""
+    if outer_frames == inner_frames:
+        return x
+    n, c, h, w = x.shape
+    step = outer_frames // inner_frames
+    return x.reshape(n // outer_frames, outer_frames, c, h, w)[:, ::step].reshape(-1, c, h, w)
+
+
+def _to_outer_frames(x: torch.Tensor, inner_frames: int, outer_frames: int) -> torch.Tensor:
+    """Inner features -> outer frames by repeating each inner frame (nearest in time)."""
+    if outer_frames == inner_frames:
+        return x
+    n, c, h, w = x.shape
+    step = outer_frames // inner_frames
+    return (
+        x.reshape(n // inner_frames, inner_frames, 1, c, h, w)
+        .expand(-1, -1, step, -1, -1, -1)
+        .reshape(-1, c, h, w)
+    )
+
+
+__all__ = ["NestedUNet"]
