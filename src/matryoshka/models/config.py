@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -157,6 +159,20 @@ class ModelConfig:
     @property
     def frames(self) -> list[int]:
         return [self.num_frames * s // self.time_scales[0] for s in self.time_scales] if self.num_frames else []
+
+    def innermost(self, num_levels: int) -> ModelConfig:
+        """The config of the model made of the innermost `num_levels` levels (a progressive stage)."""
+        if not 1 <= num_levels <= self.num_levels:
+            raise ConfigError("levels", f"a stage must use 1..{self.num_levels} levels, got {num_levels}")
+        drop = self.num_levels - num_levels
+        ratios = self.temporal_ratios[drop:] if self.temporal_ratios else None
+        return dataclasses.replace(
+            self,
+            levels=[copy.deepcopy(level) for level in self.levels[drop:]],
+            image_size=self.sizes[drop],
+            num_frames=self.frames[drop] if self.num_frames else 0,
+            temporal_ratios=ratios if ratios else None,
+        )
 
     def validate(self) -> None:
         require(len(self.levels) >= 1, "levels", "needs at least one level")

@@ -69,9 +69,10 @@ class NestedUNet(nn.Module):
             self.lm_head = nn.ModuleList(TextHeadLayer(cond_dim) for _ in range(config.num_text_head_layers))
             if config.pooled_text:
                 self.cond_emb = nn.Linear(cond_dim, temb_dim, bias=False)
-        if depth == 0 and config.num_classes > 0:
-            # Index num_classes is the null label used for classifier-free guidance.
-            self.label_emb = nn.Embedding(config.num_classes + 1, config.levels[-1].time_embedding_dim)
+        if self.is_core and config.num_classes > 0:
+            # Index num_classes is the null label used for classifier-free guidance. It lives in the
+            # core, like the text layers, so that nesting a trained model only prefixes its names.
+            self.label_emb = nn.Embedding(config.num_classes + 1, temb_dim)
 
         # Down path: conv_in, then one block per resolution; remember the width of every skip.
         width = level.channels[0]
@@ -154,12 +155,22 @@ class NestedUNet(nn.Module):
             temb = temb + self._sinusoid_mlp(value, self.cond_layers[name])
         return temb
 
-    def encode_text(
-        self, states: torch.Tensor | None, mask: torch.Tensor | None
+    def encode_conditioning(
+        self, states: torch.Tensor | None, mask: torch.Tensor | None, labels: torch.Tensor | None, batch: int
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Text states (B, S, text_dim), mask (B, S) -> (pooled embedding (B, temb), states, mask)."""
+        """Text states (B, S, text_dim), mask (B, S), labels (B,) -> (embedding added to every level's
+        time embedding (B, temb), text states for cross-attention, mask for cross-attention)."""
         if not self.is_core:
-            return self.inner_unet.encode_text(states, mask)
+            return self.inner_unet.encode_conditioning(states, mask, labels, batch)
+        cond_emb, states, mask = self._encode_text(states, mask)
+        if self.config.num_classes > 0:
+            if labels is None:
+                labels = torch.full((batch,), self.config.num_classes, dtype=torch.long, device=self.conv_in.weight.device)
+            label_emb = self.label_emb(labels)
+            cond_emb = label_emb if cond_emb is None else cond_emb + label_emb
+        return cond_emb, states, mask
+
+    def _encode_text(self, states: torch.Tensor | None, mask: torch.Tensor | None):
         if self.config.text_dim <= 0 or states is None:
             return None, None, None
         if self.config.text_proj_dim > 0:
@@ -191,12 +202,7 @@ class NestedUNet(nn.Module):
         labels (B,) int with num_classes meaning "no label", or None. Returns R predictions."""
         if len(pyramid) != self.config.num_levels:
             raise ValueError(f"the model has {self.config.num_levels} levels, got a pyramid of {len(pyramid)}")
-        cond_emb, states, mask = self.encode_text(text_states, text_mask)
-        if self.config.num_classes > 0:
-            if labels is None:
-                labels = torch.full_like(t, self.config.num_classes)
-            label_emb = self.label_emb(labels)
-            cond_emb = label_emb if cond_emb is None else cond_emb + label_emb
+        cond_emb, states, mask = self.encode_conditioning(text_states, text_mask, labels, t.shape[0])
         is_video = pyramid[0].ndim == 5
         frames = [x.shape[2] for x in pyramid] if is_video else [1] * len(pyramid)
         levels = [_fold_frames(x) for x in pyramid]
