@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from matryoshka.conditioning import (
     T5TextEncoder,
     TextEmbedding,
     TextEncoder,
+    bundled_minilm_path,
     concat,
     encoder_cache_id,
     load_text_encoder,
@@ -37,10 +39,18 @@ PROMPTS = ["a photo of a cat", "", "a big red dog sitting on the grass near a ri
 
 @pytest.fixture(scope="module", autouse=True)
 def offline_hub() -> Iterator[None]:
-    """Every load here must work with the Hugging Face hub unreachable."""
+    """Every load here must work offline: HF_HUB_OFFLINE=1 and any network connection fails."""
+    import huggingface_hub.constants
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a conditioning test tried to open a network connection: {args}")
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setenv("TRANSFORMERS_OFFLINE", "1")
+        # huggingface_hub reads the variable once, at import; set the flag it consults too.
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        patch.setattr(socket.socket, "connect", refuse)
         yield
 
 
@@ -198,6 +208,8 @@ def test_t5_pads_to_max_length_when_asked(tiny_t5_dir: Path) -> None:
 def test_t5_load_errors_name_the_problem(tmp_path: Path, tiny_t5_dir: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         T5TextEncoder(str(tmp_path / "missing"))
+    with pytest.raises(OSError, match="could not load text encoder 'org/not-in-the-cache'"):
+        T5TextEncoder("org/not-in-the-cache")  # offline: a hub id must already be in the HF cache
     # A tokenizer that does not append </s> cannot reproduce the official conditioning.
     from tokenizers import Tokenizer, processors
 
@@ -238,7 +250,6 @@ def test_minilm_loads_offline_from_the_package_and_matches_sentence_transformers
 ) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from matryoshka.conditioning import bundled_minilm_path
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     assert minilm.dim == 384 and minilm.name == "minilm"
@@ -323,6 +334,16 @@ def test_text_embedding_rejects_inconsistent_shapes() -> None:
         TextEmbedding(states=states, mask=torch.ones(2, 3, dtype=torch.long), pooled=torch.zeros(2, 3))
     with pytest.raises(ValueError, match="integer or bool"):
         TextEmbedding(states=states, mask=torch.ones(2, 3), pooled=torch.zeros(2, 4))
+
+
+def test_text_embedding_rows_repeat_and_casts(t5: T5TextEncoder) -> None:
+    out = t5.encode(PROMPTS)
+    assert torch.equal(out[-1].states, out.states[3:]) and out[1].batch_size == 1
+    assert torch.equal(out[[2, 0]].mask, out.mask[[2, 0]])
+    assert torch.equal(out.repeat(2).pooled, torch.cat([out.pooled, out.pooled]))
+    half = out.to(dtype=torch.float16)
+    assert half.states.dtype == half.pooled.dtype == torch.float16 and half.mask.dtype == torch.long
+    assert out.lengths.tolist() == out.mask.sum(dim=1).tolist()
 
 
 # ----------------------------------------------------------------------------- cache
@@ -458,3 +479,6 @@ def test_minilm_is_the_default_spec_and_round_trips(minilm: MiniLMTextEncoder) -
     rebuilt = load_text_encoder("minilm")
     assert isinstance(rebuilt, MiniLMTextEncoder) and rebuilt.to_config() == minilm.to_config()
     assert torch.equal(rebuilt.encode(["a cat"]).states, minilm.encode(["a cat"]).states)
+    copy = load_text_encoder(f"minilm:{bundled_minilm_path()}")
+    assert copy.name == f"minilm:{bundled_minilm_path()}"
+    assert load_text_encoder(copy.to_config()).to_config() == {**expected, "path": str(bundled_minilm_path())}

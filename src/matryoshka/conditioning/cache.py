@@ -6,7 +6,8 @@ runs the encoder on misses, or `lookup`, which needs no encoder at all).
 
 Layout: `<dir>/<key[:2]>/<key>.safetensors` where key = sha256 of (encoder id, prompt) and the encoder
 id is `f"{encoder.name}@{encoder.max_length}"` (e.g. "t5:google/flan-t5-xl@128", "minilm@128"), since
-the truncation length changes the states. A file holds "states" (n, D) trimmed to the prompt's n real
+the truncation length changes the states (the compute dtype is not part of it: a bf16 and an fp32 run
+of one encoder share entries). A file holds "states" (n, D) trimmed to the prompt's n real
 tokens and "pooled" (D,), with the encoder id and the prompt in its metadata (checked on read). The
 mask is rebuilt on load, so rows of different lengths pad correctly into one batch. Writes go to a
 temporary file in the same folder, then `os.replace`: a reader never sees half a file, and several

@@ -83,7 +83,7 @@ class TransformersTextEncoder(TextEncoder):
         if looks_like_local_path(source):
             path = Path(source).expanduser()
             if not path.is_dir():
-                raise FileNotFoundError(f"text encoder directory {str(path)!r} does not exist")
+                raise FileNotFoundError(f"text encoder directory {self.name_or_path!r} does not exist")
             source = str(path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
