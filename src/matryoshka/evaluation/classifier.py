@@ -103,9 +103,7 @@ class SmallCNNClassifier(nn.Module):
         if images.shape[1] == 1 and c.in_channels == 3:
             images = images.expand(-1, 3, -1, -1)
         if images.shape[1] != c.in_channels:
-            raise ValueError(
-                f"classifier expects {c.in_channels}-channel images, got {images.shape[1]} channels"
-            )
+            raise ValueError(f"classifier expects {c.in_channels}-channel images, got {images.shape[1]} channels")
         if not images.is_floating_point():
             raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
         return images
@@ -204,9 +202,7 @@ def train_classifier(
     model.check_images(first_image[None])
     # drop the last partial batch: a batch of one breaks BatchNorm, and tiny tails add noise
     drop_last = len(dataset) > batch_size  # type: ignore[arg-type]
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=generator
-    )
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * len(loader))
     loss_fn = nn.CrossEntropyLoss()
@@ -249,16 +245,12 @@ def conditioning_accuracy(
     if images.ndim != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(
-            f"need one label per image: {images.shape[0]} images, labels of shape {tuple(labels.shape)}"
-        )
+        raise ValueError(f"need one label per image: {images.shape[0]} images, labels of shape {tuple(labels.shape)}")
     if labels.numel() == 0:
         raise ValueError("no images to evaluate")
     num_classes = classifier.config.num_classes
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}"
-        )
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
     correct = classifier.predict(images, batch_size=batch_size) == labels
     per_class = {int(c): float(correct[labels == c].float().mean()) for c in labels.unique()}
     return float(correct.float().mean()), per_class

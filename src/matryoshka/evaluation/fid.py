@@ -65,9 +65,7 @@ class FeatureStats:
 
     def __post_init__(self) -> None:
         if self.mean.ndim != 1 or self.cov.shape != (self.mean.shape[0],) * 2:
-            raise ValueError(
-                f"FeatureStats needs mean (D,) and cov (D, D), got {self.mean.shape} and {self.cov.shape}"
-            )
+            raise ValueError(f"FeatureStats needs mean (D,) and cov (D, D), got {self.mean.shape} and {self.cov.shape}")
 
     @property
     def dim(self) -> int:
@@ -269,9 +267,7 @@ def kid(
     if subset_size < 2:
         raise ValueError(f"subset_size must be >= 2, got {subset_size}")
     if subset_size > min(len(a), len(b)):
-        raise ValueError(
-            f"subset_size {subset_size} exceeds the smaller feature set ({len(a)} and {len(b)} rows)"
-        )
+        raise ValueError(f"subset_size {subset_size} exceeds the smaller feature set ({len(a)} and {len(b)} rows)")
     dim = a.shape[1]
     rng = np.random.default_rng(seed)
     m = subset_size
@@ -303,9 +299,7 @@ def _kth_neighbour_radii(points: torch.Tensor, k: int, chunk_size: int) -> torch
     return torch.cat(radii)
 
 
-def _fraction_inside(
-    queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk_size: int
-) -> float:
+def _fraction_inside(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk_size: int) -> float:
     """Fraction of queries within radius of at least one centre (i.e. on the estimated manifold)."""
     inside = 0
     for chunk in queries.split(chunk_size):

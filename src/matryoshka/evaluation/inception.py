@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -89,9 +90,7 @@ def _sha1_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _legacy_bilinear_matrix(
-    in_size: int, out_size: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
+def _legacy_bilinear_matrix(in_size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(out_size, in_size) interpolation weights of TF1's ``resize_bilinear(align_corners=False)``."""
     source = torch.arange(out_size, dtype=torch.float64) * (in_size / out_size)
     lower = source.floor().long().clamp(max=in_size - 1)
@@ -127,9 +126,7 @@ def _validate_images(images: torch.Tensor) -> None:
     if images.ndim != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
     if images.shape[1] not in (1, 3):
-        raise ValueError(
-            f"images must have 1 or 3 channels, got {images.shape[1]} (shape {tuple(images.shape)})"
-        )
+        raise ValueError(f"images must have 1 or 3 channels, got {images.shape[1]} (shape {tuple(images.shape)})")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
     if images.shape[0] and not torch.isfinite(images).all():
@@ -167,7 +164,11 @@ class InceptionFeatureExtractor:
         self.weights_path = path
         self.device = torch.device(device)
         self.quantize = quantize
-        self.network = torch.jit.load(str(path), map_location=self.device).eval()
+        with warnings.catch_warnings():
+            # recent torch deprecates TorchScript in favour of torch.export, but the shipped file is a
+            # TorchScript archive and torch.jit.load is the only loader for it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.network = torch.jit.load(str(path), map_location=self.device).eval()
 
     @property
     def fingerprint(self) -> str:

@@ -60,9 +60,7 @@ def _new_figure(width: float = 6.4, height: float = 4.0) -> Any:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as error:
-        raise ImportError(
-            "plots need matplotlib: pip install matplotlib (or 'matryoshka-diffusion[eval]')"
-        ) from error
+        raise ImportError("plots need matplotlib: pip install matplotlib (or 'matryoshka-diffusion[eval]')") from error
     figure = Figure(figsize=(width, height), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
