@@ -76,6 +76,7 @@ def _find(directory: Path, stem: str) -> Path | None:
 
 def _download_split(directory: Path, split: str) -> None:
     """Fetch the split's missing files into `directory`, trying each source in turn."""
+    directory.mkdir(parents=True, exist_ok=True)
     for stem in _FILES[split]:
         if _find(directory, stem) is not None:
             continue

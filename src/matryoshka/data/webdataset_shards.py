@@ -106,7 +106,8 @@ def iter_tar_groups(
     """Yield the samples of one shard as raw groups `{"__key__": key, "__shard__": source, ext: bytes}`.
 
     A shard that cannot be opened is counted (missing_file / unreadable_shard) and yields nothing. A shard
-    that ends early is noted (truncated_shard); the sample it cuts is dropped and counted (truncated_sample).
+    that ends early is noted (truncated_shard); a sample cut inside one of its members is dropped and
+    counted (truncated_sample).
     A member over `max_member_bytes` is not read; its sample is marked `"__oversize__"`.
     """
     with ExitStack() as stack:
@@ -143,16 +144,18 @@ def iter_tar_groups(
                 member_file = tar.extractfile(member)
                 assert member_file is not None  # regular files always have data
                 group[extension] = member_file.read()
-            ended_early = not _ends_with_end_marker(tar)
+            complete = _ends_with_end_marker(tar)
         except _TAR_ERRORS:
-            ended_early = True
-        if ended_early:
-            # A cut inside a member raises; a cut at a member boundary is only visible as a missing end
-            # marker. Either way the last group may be incomplete, so it is dropped.
+            # Cut inside a member (or unreadable compressed data): the sample being read is incomplete.
             faults.record_note("truncated_shard")
             if group:
                 faults.record_failure("truncated_sample")
-        elif group:
+            return
+        if not complete:
+            # Cut at a member boundary: every member read is whole, so the last sample is still decoded
+            # (and dropped later only if it lacks its image or required caption).
+            faults.record_note("truncated_shard")
+        if group:
             yield group
 
 
