@@ -235,7 +235,11 @@ class ShardDataset(IterableDataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch (shard order and buffer sampling); call before each epoch's DataLoader loop."""
+        """Choose the epoch (shard order and buffer sampling); call before each epoch's DataLoader loop.
+
+        DataLoader workers receive a copy of the dataset when iteration starts, so this reaches them unless
+        the DataLoader uses persistent_workers=True (then prefer repeat=True).
+        """
         self.epoch = int(epoch)
 
     def shards_for(self, epoch: int, worker_id: int = 0, num_workers: int = 1) -> list[str]:
