@@ -116,6 +116,10 @@ class PyramidSchedule:
         table = self.gammas.to(device=t.device, dtype=dtype)
         return [table[level][t] for level in range(self.num_levels)]
 
+    def scale_signal(self, pyramid: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Divide each clean level by its signal scale before noising (a no-op for shifted schedules)."""
+        return [x if scale == 1 else x / scale for x, scale in zip(pyramid, self.signal_scales, strict=True)]
+
     def to(self, device: torch.device | str) -> PyramidSchedule:
         return PyramidSchedule(
             self.gammas.to(device), self.signal_scales, None if self.base is None else self.base.to(device)
