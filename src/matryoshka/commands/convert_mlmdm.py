@@ -1,0 +1,38 @@
+"""`matryoshka convert-mlmdm CHECKPOINT --config CONFIG.yaml --out DIR`: official -> our model directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from matryoshka.interop import load_official
+from matryoshka.model_dir import MDMConfig, save_model_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="official vis_model.pth (read without unpickling code)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="the official YAML config; default: the config pickled in the checkpoint")
+    parser.add_argument("--out", type=Path, required=True, help="output model directory")
+    parser.add_argument("--text-encoder", default="t5:google/flan-t5-xl",
+                        help="text encoder spec recorded in the model directory (default: %(default)s)")
+    parser.add_argument("--text-dim", type=int, default=None,
+                        help="width of the text states when the config leaves it at -1 (default: from the weights)")
+
+
+def run(args: argparse.Namespace) -> int:
+    model, model_config, diffusion_config = load_official(args.checkpoint, args.config, args.text_dim)
+    config = MDMConfig(
+        model=model_config,
+        diffusion=diffusion_config,
+        text_encoder=args.text_encoder if model_config.text_dim > 0 else None,
+    )
+    card = (
+        f"# Converted ml-mdm model\n\nConverted from `{args.checkpoint.name}` with "
+        f"`matryoshka convert-mlmdm`.\n\n- levels: {model_config.sizes}\n- parameters: "
+        f"{sum(p.numel() for p in model.parameters()):,}\n- text encoder: {config.text_encoder}\n"
+    )
+    save_model_dir(args.out, model, config, card)
+    print(f"wrote {args.out} ({model_config.num_levels} levels {model_config.sizes}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters)")
+    return 0
