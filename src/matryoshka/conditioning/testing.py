@@ -32,8 +32,8 @@ def tiny_t5_vocab() -> list[tuple[str, float]]:
     return specials + words + [("\u2581", -4.0)] + letters
 
 
-def make_tiny_t5(path: str | Path, seed: int = 0) -> Path:
-    """Writes a randomly initialised 1-layer T5 encoder (d_model 32) and its tokenizer to `path`.
+def make_tiny_t5(path: str | Path, seed: int = 0, d_model: int = TINY_T5_DIM) -> Path:
+    """Writes a randomly initialised 1-layer T5 encoder (d_model 32 unless given) and its tokenizer to `path`.
 
     The tokenizer is a SentencePiece-style Unigram model (lowercasing, "\u2581" word marker) whose
     post-processor appends `</s>` to every sequence, as T5's does. Returns `path`.
@@ -64,7 +64,7 @@ def make_tiny_t5(path: str | Path, seed: int = 0) -> Path:
 
     config = T5Config(
         vocab_size=len(vocab),
-        d_model=TINY_T5_DIM,
+        d_model=d_model,
         d_kv=16,
         d_ff=64,
         num_layers=1,

@@ -1,0 +1,137 @@
+"""`matryoshka generate "PROMPT" --out FILE.png`: sample images from a model directory, an official
+ml-mdm checkpoint, or (with neither) the small text-to-image model embedded in the package."""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "fashion-t2i"
+TRAIN_HINT = (
+    "train one with `matryoshka train configs/fashion_t2i_32x16.yaml --out runs/fashion-t2i` and pass its "
+    "exported model directory with --model"
+)
+
+
+def default_model_dir() -> Path:
+    """The embedded default model: src/matryoshka/assets/fashion-t2i (installed as package data)."""
+    return Path(__file__).resolve().parent.parent / "assets" / DEFAULT_MODEL_NAME
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from matryoshka.pipeline import available_samplers
+
+    parser.add_argument("prompt", nargs="?", default=None, help="what to draw (omit for class-conditional models)")
+    source = parser.add_argument_group("model (default: the embedded Fashion-MNIST text-to-image model)")
+    source.add_argument("--model", type=Path, help="a model directory (config.yaml + model.safetensors)")
+    source.add_argument("--official", type=Path, metavar="CKPT", help="an official ml-mdm checkpoint (vis_model.pth)")
+    source.add_argument("--config", type=Path, metavar="YAML", help="the official YAML of --official")
+    source.add_argument(
+        "--text-encoder",
+        metavar="SPEC",
+        help='text encoder: "minilm", "t5:google/flan-t5-xl", "t5:/local/dir" (overrides the model\'s)',
+    )
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    parser.add_argument(
+        "--guidance", default="7.5", help="guidance scale w, or one per level highest first: 7.5 or 7.5,3 (default 7.5)"
+    )
+    parser.add_argument("--negative-prompt", default=None, help='the unconditional branch (default "")')
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
+    parser.add_argument("--num-images", type=int, default=1, help="images to generate (a grid when > 1)")
+    parser.add_argument("--sampler", default="ddim", choices=available_samplers(), help="sampler (default ddim)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
+    parser.add_argument("--class", dest="class_label", metavar="NAME_OR_ID", help="class of a class-conditional model")
+    parser.add_argument("--all-levels", action="store_true", help="also write FILE.level{i}.png for every level")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--out", type=Path, required=True, help="output image file (.png)")
+
+
+def _guidance(text: str) -> float | list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--guidance must be a number or comma-separated numbers, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _load_pipeline(args: argparse.Namespace):
+    from matryoshka.pipeline import MatryoshkaPipeline
+
+    if args.official is not None:
+        if args.model is not None:
+            raise ValueError("give either --model or --official, not both")
+        return MatryoshkaPipeline.from_official(
+            args.official, args.config, text_encoder=args.text_encoder, device=args.device
+        )
+    if args.config is not None:
+        raise ValueError("--config is the official YAML of --official; a --model directory has its own config.yaml")
+    directory = args.model
+    if directory is None:
+        directory = default_model_dir()
+        if not (directory / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"no --model given and the embedded default model is not installed ({directory} is missing); "
+                + TRAIN_HINT
+            )
+    return MatryoshkaPipeline.from_pretrained(directory, device=args.device, text_encoder=args.text_encoder)
+
+
+def level_path(out: Path, level: int) -> Path:
+    """FILE.png -> FILE.level{level}.png (level 0 = the highest resolution)."""
+    return out.with_name(f"{out.stem}.level{level}{out.suffix or '.png'}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from matryoshka.data import make_grid, tensor_to_pil
+
+    try:
+        if args.num_images < 1:
+            raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+        guidance = _guidance(args.guidance)
+        class_label = args.class_label
+        if class_label is not None and class_label.strip().isdigit():
+            class_label = int(class_label)
+        pipe = _load_pipeline(args)
+        seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        started = time.perf_counter()
+        output = pipe(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            class_labels=class_label,
+            num_inference_steps=args.steps,
+            guidance_scale=guidance,
+            sampler=args.sampler,
+            eta=args.eta,
+            generator=seed,
+            num_images_per_prompt=args.num_images,
+            progress=not args.quiet,
+        )
+        elapsed = time.perf_counter() - started
+    except (ValueError, TypeError, FileNotFoundError, pickle.UnpicklingError) as error:
+        print(f"matryoshka generate: error: {error}", file=sys.stderr)
+        return 2
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    nrow = max(1, int(len(output.images) ** 0.5 + 0.999))
+    written = []
+    top = output.images[0] if len(output.images) == 1 else make_grid(output.tensors[0], nrow=nrow)
+    top.save(args.out)
+    written.append(args.out)
+    if args.all_levels:
+        for level, tensor in enumerate(output.tensors):
+            path = level_path(args.out, level)
+            image = make_grid(tensor, nrow=nrow) if tensor.shape[0] > 1 else tensor_to_pil(tensor[0])
+            image.save(path)
+            written.append(path)
+    print(
+        f"seed {seed}: {len(output.images)} image(s), {args.steps} {args.sampler} steps in {elapsed:.1f} s -> "
+        + ", ".join(str(p) for p in written)
+    )
+    return 0
+
