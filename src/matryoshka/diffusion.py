@@ -84,6 +84,7 @@ class PyramidSchedule:
     gammas: torch.Tensor
     signal_scales: list[float] = field(default_factory=list)
     base: torch.Tensor | None = None  # (T + 1,) the unshifted table, for VDM weights
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, config: DiffusionConfig, scales: list[int]) -> PyramidSchedule:
@@ -111,9 +112,16 @@ class PyramidSchedule:
     def num_train_steps(self) -> int:
         return self.gammas.shape[1] - 1
 
+    def table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The (R, T + 1) table on a device, cached so that sampling loops copy it only once."""
+        key = (str(device), dtype)
+        if key not in self._cache:
+            self._cache[key] = self.gammas.to(device=device, dtype=dtype)
+        return self._cache[key]
+
     def at(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         """alpha-bar of every level at integer times t (B,) -> R tensors of shape (B,)."""
-        table = self.gammas.to(device=t.device, dtype=dtype)
+        table = self.table(t.device, dtype)
         return [table[level][t] for level in range(self.num_levels)]
 
     def scale_signal(self, pyramid: list[torch.Tensor]) -> list[torch.Tensor]:
