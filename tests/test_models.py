@@ -159,3 +159,23 @@ def test_a_tiny_nested_unet_learns():
         history.append([level.mean().item() for level in out.per_level])
     for level in range(2):
         assert history[-1][level] < 0.7 * history[0][level]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = tiny_config(3, num_classes=2)
+    model = NestedUNet(config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = _inputs(config), torch.tensor([5, 600])
+
+    def grads():
+        model.zero_grad()
+        sum(o.square().mean() for o in model(x, t, labels=torch.tensor([0, 1]))).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.set_gradient_checkpointing(True, outer_only=False)
+    checkpointed = grads()
+    assert model.gradient_checkpointing and model.inner_unet.inner_unet.gradient_checkpointing
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b)

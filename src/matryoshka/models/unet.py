@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from matryoshka.models.config import LevelConfig, ModelConfig
 from matryoshka.models.layers import (
@@ -211,6 +212,23 @@ class NestedUNet(nn.Module):
             outputs = [_unfold_frames(o, f) for o, f in zip(outputs, frames, strict=True)]
         return outputs
 
+    def set_gradient_checkpointing(self, enabled: bool = True, outer_only: bool = True) -> None:
+        """Recompute block activations in the backward pass instead of storing them.
+
+        outer_only: only the high-resolution outer bands, whose activations dominate memory, while
+        the small core keeps its speed.
+        """
+        self.gradient_checkpointing = enabled and not (outer_only and self.is_core)
+        if not self.is_core:
+            self.inner_unet.set_gradient_checkpointing(enabled, outer_only)
+
+    def _run(self, block, x, temb, states, mask, skips, num_frames):
+        """One block, under activation checkpointing when enabled and training."""
+        if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            run = _checkpointed(block, states, mask, skips is not None, num_frames)
+            return checkpoint(run, x, temb, *(skips or []), use_reentrant=False)
+        return block(x, temb, states, mask, skips=None if skips is None else list(skips), num_frames=num_frames)
+
     def _denoise(self, levels, frames, t, cond_emb, states, mask, micros, features):
         """Run this band (and its inner bands) on folded levels; returns (predictions, last features)."""
         x_t = levels[0]
@@ -231,7 +249,7 @@ class NestedUNet(nn.Module):
 
         skips = [x]
         for block in self.down_blocks:
-            x, activations = block(x, temb_here, states_here, mask_here, num_frames=num_frames)
+            x, activations = self._run(block, x, temb_here, states_here, mask_here, None, num_frames)
             skips.extend(activations)
 
         if self.is_core:
@@ -254,10 +272,19 @@ class NestedUNet(nn.Module):
             x = x + back
 
         for block in self.up_blocks:
-            x, _ = block(x, temb_here, states_here, mask_here, skips=skips, num_frames=num_frames)
+            taken = len(block.resnets)
+            block_skips, skips = skips[-taken:], skips[:-taken]
+            x, _ = self._run(block, x, temb_here, states_here, mask_here, block_skips, num_frames)
 
         out = self.conv_out(F.silu(self.norm_out(x)))
         return [out, *inner_outputs], x
+
+
+def _checkpointed(block, states, mask, has_skips, num_frames):
+    def run(x, temb, *skips):
+        return block(x, temb, states, mask, skips=list(skips) if has_skips else None, num_frames=num_frames)
+
+    return run
 
 
 def _fold_frames(x: torch.Tensor) -> torch.Tensor:
