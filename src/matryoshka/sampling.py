@@ -119,7 +119,8 @@ def _cat_branch(uncond, cond):
         return {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
     if uncond is None:
         raise ValueError("the unconditional branch is missing a conditioning input that the conditional has")
-    if cond.ndim == 3 and uncond.shape[1] != cond.shape[1] or cond.ndim == 2 and cond.dtype != torch.long and uncond.shape[1] != cond.shape[1]:  # text states of different lengths
+    # Text states (B, S, D) and masks (B, S) of the two branches may differ in length S: pad.
+    if cond.ndim in (2, 3) and uncond.shape[1] != cond.shape[1]:
         length = max(uncond.shape[1], cond.shape[1])
         uncond, cond = _pad_tokens(uncond, length), _pad_tokens(cond, length)
     return torch.cat([uncond, cond])
@@ -187,3 +188,55 @@ def sample(
         if callback is not None:
             callback(StepState(index, t, s, x0s, x_t))
     return [(x * scale).clip(-1, 1) for x, scale in zip(x_t, schedule.signal_scales, strict=True)]
+
+
+def condition_on_levels(
+    known: dict[int, torch.Tensor],
+    schedule: PyramidSchedule,
+    generator: torch.Generator | None = None,
+) -> Callable[[list[torch.Tensor], float], list[torch.Tensor]]:
+    """A `replace_levels` hook that pins the given levels to known images (super-resolution, variations).
+
+    known: level index (0 = highest resolution) -> clean image in [-1, 1], (C, H_r, W_r) or (B or 1,
+    C, H_r, W_r), e.g. {1: a 16x16 picture} for a 2-level 32/16 model. At every step end s the hook
+    replaces each known level by that image noised to s with fresh noise, add_noise(image, z, gamma_r(s)),
+    and by the clean image itself at s = 0, so the other levels are denoised consistent with it and the
+    returned known level equals the image. Fractional s uses the continuous (log-SNR interpolated)
+    schedule of `matryoshka.solvers`. generator: for the fresh noise (on the samples' device).
+    Every sampler takes it: `sampling.sample(..., replace_levels=hook)`, `solvers.solve`, `solvers.run_sampler`.
+    """
+    from matryoshka.schedule import interpolate_log_snr
+
+    if not known:
+        raise ValueError("condition_on_levels needs at least one known level")
+    images: dict[int, torch.Tensor] = {}
+    for level, image in known.items():
+        if not isinstance(level, int) or not 0 <= level < schedule.num_levels:
+            raise ValueError(f"known level {level!r} is not a level index in [0, {schedule.num_levels - 1}]")
+        if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
+            raise ValueError(f"known level {level} must be an image tensor (C, H, W) or (B, C, H, W)")
+        images[level] = (image if image.ndim == 4 else image.unsqueeze(0)) / schedule.signal_scales[level]
+
+    def gamma_at(level: int, s: float) -> torch.Tensor:
+        if float(s) == int(s):  # the discrete table, exactly as the DDIM/DDPM steps read it
+            return schedule.gammas[level, int(s)]
+        return torch.sigmoid(interpolate_log_snr(schedule.gammas[level], torch.tensor(float(s))))
+
+    def replace(pyramid: list[torch.Tensor], s: float) -> list[torch.Tensor]:
+        out = list(pyramid)
+        for level, image in images.items():
+            x = out[level]
+            if image.shape[1:] != x.shape[1:] or image.shape[0] not in (1, x.shape[0]):
+                raise ValueError(
+                    f"the known image for level {level} has shape {tuple(image.shape)}; the level is "
+                    f"{tuple(x.shape)} (give (C, H, W), (1, C, H, W) or one image per sample)"
+                )
+            clean = image.to(device=x.device, dtype=x.dtype).expand_as(x)
+            if s <= 0:
+                out[level] = clean.clone()
+                continue
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            out[level] = pyr.add_noise(clean, z, gamma_at(level, s).to(device=x.device, dtype=x.dtype))
+        return out
+
+    return replace

@@ -166,7 +166,8 @@ class NestedUNet(nn.Module):
         cond_emb, states, mask = self._encode_text(states, mask)
         if self.config.num_classes > 0:
             if labels is None:
-                labels = torch.full((batch,), self.config.num_classes, dtype=torch.long, device=self.conv_in.weight.device)
+                device = self.conv_in.weight.device
+                labels = torch.full((batch,), self.config.num_classes, dtype=torch.long, device=device)
             label_emb = self.label_emb(labels)
             cond_emb = label_emb if cond_emb is None else cond_emb + label_emb
         return cond_emb, states, mask
