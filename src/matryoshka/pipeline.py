@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from matryoshka import sampling
+from matryoshka import sampling, solvers
 from matryoshka.conditioning import TextEmbedding, TextEncoder, load_text_encoder, pad_embeddings
 from matryoshka.data import tensor_to_pil
 from matryoshka.diffusion import PyramidSchedule
@@ -87,6 +87,9 @@ def _core_sampler(method: str) -> SamplerFunction:
 
 register_sampler("ddim", _core_sampler("ddim"))
 register_sampler("ddpm", _core_sampler("ddpm"))
+register_sampler("dpmpp_2m", solvers.sampler("dpmpp_2m"))  # ODE solvers (solvers.py)
+register_sampler("euler", solvers.sampler("euler"))
+register_sampler("heun", solvers.sampler("heun"))
 
 
 @dataclass
