@@ -14,6 +14,7 @@ import sys
 # name -> (module, one-line help). Keep alphabetical.
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert-mlmdm": ("matryoshka.commands.convert_mlmdm", "convert an official ml-mdm checkpoint"),
+    "demo": ("matryoshka.commands.demo", "serve a local web page (gradio) that generates images with a model"),
     "generate": ("matryoshka.commands.generate", "generate images from a prompt (or class) with a trained model"),
     "quickstart": ("matryoshka.commands.quickstart", "train a tiny nested model on Fashion-MNIST, then sample"),
 }
