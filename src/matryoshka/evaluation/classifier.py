@@ -252,5 +252,5 @@ def conditioning_accuracy(
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got {int(labels.min())}..{int(labels.max())}")
     correct = classifier.predict(images, batch_size=batch_size) == labels
-    per_class = {int(c): float(correct[labels == c].float().mean()) for c in labels.unique()}
-    return float(correct.float().mean()), per_class
+    per_class = {int(c): float(correct[labels == c].double().mean()) for c in labels.unique()}
+    return float(correct.double().mean()), per_class

@@ -50,7 +50,7 @@ class StaleStatsError(ValueError):
     """Cached statistics were produced by something other than what is asked for."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays have no single truth value: compare fields instead
 class FeatureStats:
     """Gaussian summary of a feature set: ``mean`` (D,), ``cov`` (D, D) (unbiased), ``n`` samples.
 
