@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("matryoshka.commands.demo", "serve a local web page (gradio) that generates images with a model"),
     "generate": ("matryoshka.commands.generate", "generate images from a prompt (or class) with a trained model"),
     "quickstart": ("matryoshka.commands.quickstart", "train a tiny nested model on Fashion-MNIST, then sample"),
+    "train": ("matryoshka.commands.train", "train a nested model from a YAML config (progressive stages, resume, DDP)"),
 }
 
 

@@ -1,0 +1,207 @@
+"""Training batches: the configured dataset, a resumable distributed order, and the data position.
+
+The order of a map-style dataset (Fashion-MNIST, image folders) is one permutation per epoch, drawn
+from (seed, epoch) and independent of the number of processes. Micro-step k of an epoch takes the
+global batch perm[offset : offset + G] and rank r reads its contiguous share of it, so the same
+images are trained on at every step whether one process or eight run it. torch's DistributedSampler
+deals indices round-robin over the whole epoch and cannot start mid-epoch, so neither holds there.
+
+The position (epoch, offset) is saved in checkpoints; a resumed run continues from the next batch.
+Tar shards (an IterableDataset read in order per rank) resume by skipping the batches this rank had
+already consumed in the epoch (they are read and decoded again, then dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from matryoshka.data import FashionMNIST, FaultCounter, ImageFolderDataset, ShardDataset
+from matryoshka.training.config import DataConfig
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    # Map-style: samples of this epoch consumed by all ranks together. Shards: by this rank.
+    offset: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataPosition:
+        return cls(int(data["epoch"]), int(data["offset"]))
+
+
+class _Subset(Dataset):
+    """The first `limit` items of a map-style dataset."""
+
+    def __init__(self, dataset: Dataset, limit: int) -> None:
+        self.dataset, self.limit = dataset, min(limit, len(dataset))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.limit
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.dataset[index]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
+def build_dataset(
+    config: DataConfig, image_size: int, channels: int, rank: int, world_size: int, seed: int, faults: FaultCounter
+) -> Dataset | IterableDataset:
+    """The dataset a DataConfig names; items are {"image": (C, S, S) in [-1, 1], "label", "caption"}."""
+    if config.dataset == "fashion_mnist":
+        dataset: Dataset = FashionMNIST(
+            config.split, image_size=image_size, channels=channels, root=config.path, fit=config.fit,
+            caption_seed=seed,
+        )
+    elif config.dataset == "folder":
+        dataset = ImageFolderDataset(
+            str(config.path), image_size=image_size, channels=channels, captions=config.captions, faults=faults
+        )
+    else:
+        return ShardDataset(
+            config.path,  # type: ignore[arg-type]
+            image_size=image_size, channels=channels, shuffle_buffer=config.shuffle_buffer, seed=seed,
+            rank=rank, world_size=world_size, shuffle=config.shuffle, repeat=False, faults=faults,
+        )
+    if config.limit is not None:
+        dataset = _Subset(dataset, config.limit)
+    return dataset
+
+
+def epoch_order(size: int, epoch: int, seed: int, shuffle: bool) -> torch.Tensor:
+    """The permutation of one epoch; the same on every rank and for any number of ranks."""
+    if not shuffle:
+        return torch.arange(size)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(size, generator=generator)
+
+
+class GlobalBatchSampler:
+    """Index lists of rank `rank` for the rest of one epoch, starting at global sample `offset`.
+
+    Each global batch of `global_batch` consecutive positions of the epoch's permutation is split
+    into `world_size` contiguous shares; the last incomplete global batch is dropped.
+    """
+
+    def __init__(
+        self, size: int, global_batch: int, rank: int, world_size: int, epoch: int, offset: int, seed: int,
+        shuffle: bool,
+    ) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"the global batch {global_batch} must be divisible by the {world_size} processes")
+        self.order = epoch_order(size, epoch, seed, shuffle)
+        self.global_batch, self.local = global_batch, global_batch // world_size
+        self.rank, self.offset = rank, offset
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.offset
+        while start + self.global_batch <= len(self.order):
+            first = start + self.rank * self.local
+            yield self.order[first : first + self.local].tolist()
+            start += self.global_batch
+
+    def __len__(self) -> int:
+        return max(0, (len(self.order) - self.offset) // self.global_batch)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "image": torch.stack([item["image"] for item in items]),
+        "label": torch.tensor([int(item["label"]) for item in items], dtype=torch.long),
+        "caption": [item["caption"] for item in items],
+    }
+
+
+class BatchStream:
+    """Endless batches of this rank's share of each global batch, tracking the data position.
+
+    next(global_batch) -> {"image": (b, C, S, S), "label": (b,) long (-1 = none), "caption": list[str]}
+    with b = global_batch / world_size. The global batch may change between calls (a new stage).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset | IterableDataset,
+        config: DataConfig,
+        rank: int,
+        world_size: int,
+        seed: int,
+        position: DataPosition | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        self.dataset, self.config = dataset, config
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.position = position or DataPosition()
+        self.pin_memory = pin_memory
+        self.streaming = isinstance(dataset, IterableDataset)
+        self._iterator: Iterator[dict[str, Any]] | None = None
+        self._batch = 0
+        self._skip = 0  # shards: batches to drop after resuming mid-epoch
+        if self.streaming and self.position.offset:
+            self._skip = -1  # computed on the first call, when the batch size is known
+
+    def _loader(self, global_batch: int) -> DataLoader:
+        # An explicit generator: worker seeds must not draw from (and shift) the global torch RNG,
+        # or a resumed run would see different dropout masks than an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.seed * 7919 + self.position.epoch * 31 + self.rank)
+        common = dict(
+            num_workers=self.config.num_workers, collate_fn=collate, pin_memory=self.pin_memory,
+            generator=generator,
+        )
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.position.epoch)
+        if self.streaming:
+            return DataLoader(self.dataset, batch_size=global_batch // self.world_size, drop_last=True, **common)
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if size < global_batch:
+            raise ValueError(
+                f"the dataset has {size} items, fewer than one global batch of {global_batch}: "
+                "lower data.batch_size or use more data"
+            )
+        sampler = GlobalBatchSampler(
+            size, global_batch, self.rank, self.world_size, self.position.epoch, self.position.offset,
+            self.seed, self.config.shuffle,
+        )
+        return DataLoader(self.dataset, batch_sampler=sampler, **common)
+
+    def next(self, global_batch: int) -> dict[str, Any]:
+        if global_batch % self.world_size:
+            raise ValueError(
+                f"the global batch {global_batch} must be divisible by the number of processes {self.world_size}"
+            )
+        if self._iterator is None or global_batch != self._batch:
+            self._batch = global_batch
+            self._iterator = iter(self._loader(global_batch))
+            if self._skip == -1:
+                self._skip = self.position.offset // (global_batch // self.world_size)
+        while True:
+            batch = next(self._iterator, None)
+            if batch is None:  # epoch finished
+                self.position = DataPosition(self.position.epoch + 1, 0)
+                self._iterator = iter(self._loader(global_batch))
+                batch = next(self._iterator, None)
+                if batch is None:
+                    raise RuntimeError(f"rank {self.rank} got no batch from a whole epoch of {self.config.dataset}")
+            if self._skip > 0:
+                self._skip -= 1
+                continue
+            break
+        self.position = DataPosition(
+            self.position.epoch,
+            self.position.offset + (global_batch if not self.streaming else global_batch // self.world_size),
+        )
+        return batch
+
+
+__all__ = ["BatchStream", "DataPosition", "GlobalBatchSampler", "build_dataset", "collate", "epoch_order"]

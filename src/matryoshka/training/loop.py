@@ -1,0 +1,445 @@
+"""The training loop. `train(config, out_dir)` is the whole of it, to be read top to bottom.
+
+    for each stage:        nest the last stage's model into the new outer levels (or resume one)
+        for each step:     micro-batches -> pyramid, per-sample t/noise -> model -> multi-resolution
+                           loss -> backward; clip, AdamW step, EMA; log, sample, checkpoint
+        end of stage:      checkpoint, sample grid, export DIR/model (EMA weights)
+
+Everything random that shapes a step (data order, time steps, noise, conditioning dropout) is a
+function of the seed and the global sample index, so a resumed run, or a run on N processes, trains
+on exactly what an uninterrupted single-process run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from matryoshka import pyramid as pyr
+from matryoshka.data import FaultCounter
+from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
+from matryoshka.losses import LossOutput, multi_resolution_loss, rows_per_level
+from matryoshka.model_dir import MDMConfig, save_model_dir
+from matryoshka.models import NestedUNet
+from matryoshka.training import distributed
+from matryoshka.training.checkpoint import (
+    capture_rng_state,
+    find_latest,
+    join_optimizer_state,
+    read_state,
+    read_tensors,
+    remove_stale_temporaries,
+    restore_rng_state,
+    split_optimizer_state,
+    write_checkpoint,
+)
+from matryoshka.training.conditioning import BatchConditioner
+from matryoshka.training.config import TrainConfig
+from matryoshka.training.data import BatchStream, DataPosition, build_dataset
+from matryoshka.training.ema import EMA
+from matryoshka.training.monitor import RunMonitor
+from matryoshka.training.noise import draw
+from matryoshka.training.optim import learning_rate, make_optimizer
+from matryoshka.training.previews import pyramid_grid, sample_pyramid, save_grid
+from matryoshka.training.stages import initial_models, stage_mdm_config
+from matryoshka.typed_config import ConfigError, save_yaml, to_dict
+
+
+@dataclass
+class TrainResult:
+    step: int  # the global step the run stopped at
+    stage: int  # index of the last stage trained
+    model_dir: Path | None  # DIR/model, the exported EMA model (None if nothing was trained)
+    checkpoint: Path | None  # the last checkpoint written
+    losses: dict[str, float] = field(default_factory=dict)  # the last logged scalars
+    # The live and EMA networks of the last stage trained in this call (sharded under FSDP); None when
+    # nothing was trained.
+    model: NestedUNet | None = field(default=None, repr=False)
+    ema_model: NestedUNet | None = field(default=None, repr=False)
+
+
+def train(
+    config: TrainConfig, out_dir: str | Path, *, resume: bool = False, max_steps: int | None = None
+) -> TrainResult:
+    """Train `config` into `out_dir`; with `resume`, continue from its latest complete checkpoint.
+
+    max_steps: stop at this global step (a checkpoint and a model directory are written there);
+    the trajectory does not depend on it, so a later `resume` continues exactly.
+    """
+    out_dir = Path(out_dir)
+    runtime = distributed.setup(config.device)
+    device = runtime.device
+    try:
+        # ---------------------------------------------------------------- where the run starts
+        checkpoints = out_dir / "checkpoints"
+        start = find_latest(checkpoints) if resume else None
+        saved = read_state(start) if start is not None else None
+        if saved is not None:
+            check_resumable(config, saved)
+        if runtime.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(checkpoints)
+            save_yaml(config, out_dir / "config.yaml")
+        step = saved["step"] if saved else 0
+        first_stage = saved["stage"] if saved else 0
+        samples_seen = saved["samples_seen"] if saved else 0
+        bounds = config.stage_bounds()
+        last_step = bounds[-1] if max_steps is None else min(bounds[-1], max_steps)
+
+        # ---------------------------------------------------------------- data and conditioning
+        final = config.mdm.model
+        faults = FaultCounter(config.data.max_failure_ratio, config.data.min_samples)
+        dataset = build_dataset(
+            config.data, final.image_size, final.in_channels, runtime.rank, runtime.world_size, config.seed, faults
+        )
+        position = per_rank(saved, "data", runtime) if saved else None
+        stream = BatchStream(
+            dataset, config.data, runtime.rank, runtime.world_size, config.seed,
+            DataPosition.from_dict(position) if position else None, pin_memory=device.type == "cuda",
+        )
+        conditioner = BatchConditioner(config.mdm, device, config.data.embedding_cache)
+        preview_prompts = config.logging.sample_prompts
+
+        monitor = RunMonitor(
+            out_dir, runtime.is_main, config.logging.tensorboard, config.logging.progress, last_step, step
+        )
+        use_bf16 = config.optim.precision == "bf16" or (
+            config.optim.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
+        sharded = config.distributed == "fsdp" and runtime.distributed
+        monitor.message(
+            f"training on {device} x {runtime.world_size} process(es), {'bf16' if use_bf16 else 'fp32'}, "
+            f"steps {step}..{last_step} of {bounds[-1]}" + (f", resumed from {start}" if start else "")
+        )
+
+        # Everything that may draw from the global generators (text encoder construction, ...) is done:
+        # seed them now, or restore them from the checkpoint (they drive dropout layers).
+        rng = per_rank(saved, "rng", runtime) if saved else None
+        if rng is not None:
+            restore_rng_state(rng)
+        else:
+            seed_everything(config.seed * 1000 + runtime.rank)
+
+        result = TrainResult(step, first_stage, None, start)
+        previous: tuple[dict, dict, int] | None = None  # (weights, EMA weights, levels) of the last stage
+        for stage_index in range(first_stage, len(config.stages)):
+            if step >= last_step:
+                break
+            stage = config.stages[stage_index]
+            stage_start, stage_end = bounds[stage_index], bounds[stage_index + 1]
+            mdm = stage_mdm_config(config, stage_index)
+            resuming = saved is not None and start is not None and stage_index == saved["stage"]
+            if resuming and step >= stage_end:  # the checkpoint closed this stage: nest it into the next
+                previous = (read_tensors(start, "model"), read_tensors(start, "ema"), stage.levels)
+                start = None
+                continue
+
+            # ------------------------------------------------------------ the stage's model
+            if resuming:
+                model, ema_model = NestedUNet(mdm.model), NestedUNet(mdm.model)  # weights loaded below
+            else:
+                model, ema_model = initial_models(config, stage_index, previous)
+            if config.optim.gradient_checkpointing:
+                model.set_gradient_checkpointing(True)
+            memory_format = torch.channels_last if config.optim.channels_last else torch.preserve_format
+            model.to(device, memory_format=memory_format)
+            ema_model.to(device, memory_format=memory_format)
+            wrapped = distributed.wrap(model, config.distributed, runtime)
+            if sharded:
+                distributed.shard(ema_model)
+            ema = EMA(ema_model, config.ema.decay, config.ema.warmup)
+            base_lr = stage.lr if stage.lr is not None else config.optim.lr
+            warmup = stage.warmup_steps if stage.warmup_steps is not None else config.optim.warmup_steps
+            optimizer = make_optimizer(wrapped.parameters(), config.optim, base_lr, device, sharded)
+            if resuming:
+                distributed.load_full_state_dict(wrapped, read_tensors(start, "model"))
+                distributed.load_full_state_dict(ema_model, read_tensors(start, "ema"))
+                optimizer_state = join_optimizer_state(read_tensors(start, "optimizer"), saved["optimizer"])
+                distributed.load_optimizer_state(wrapped, optimizer, optimizer_state)
+                ema.num_updates = saved["ema_updates"]
+                start = None
+            schedule = PyramidSchedule.from_config(mdm.diffusion, mdm.model.scales).to(device)
+            batch_size = stage.batch_size or config.data.batch_size
+            local_batch = batch_size // runtime.world_size
+            level_names = [f"loss/{size}px" for size in mdm.model.sizes]
+            monitor.message(
+                f"stage {stage_index + 1}/{len(config.stages)}: levels {mdm.model.sizes} px, "
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, steps {stage_start}..{stage_end}"
+            )
+            wrapped.train()
+            window = LossWindow(len(level_names), device)
+            saved_at = previewed_at = -1
+            tick = time.perf_counter()
+
+            # ------------------------------------------------------------ the steps of the stage
+            while step < min(stage_end, last_step):
+                lr = learning_rate(
+                    step - stage_start, stage.steps, base_lr, warmup, config.optim.schedule, config.optim.min_lr_ratio
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                for micro in range(config.optim.grad_accum):
+                    batch = stream.next(batch_size)
+                    if preview_prompts is None:
+                        preview_prompts = batch["caption"][: config.logging.sample_count]
+                    first = samples_seen + runtime.rank * local_batch
+                    draws = draw(
+                        list(range(first, first + local_batch)), level_shapes_of(mdm), schedule.num_train_steps,
+                        config.data.cond_dropout if conditioner.conditional else 0.0, config.seed, device,
+                    )
+                    conditioning = conditioner(batch["label"], batch["caption"], draws.drop)
+                    with distributed.gradient_sync(wrapped, micro == config.optim.grad_accum - 1):
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                            loss = diffusion_loss(
+                                wrapped, batch["image"].to(device, non_blocking=True), final.scales, draws.t,
+                                draws.noise, conditioning, schedule, mdm.diffusion, config.optim.channels_last,
+                            )
+                        (loss.mean() / config.optim.grad_accum).backward()
+                    samples_seen += batch_size
+                    window.add(loss)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    wrapped.parameters(), config.optim.grad_clip or math.inf
+                )
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                if torch.isfinite(grad_norm):
+                    optimizer.step()
+                else:  # a non-finite gradient (bf16 overflow, bad sample): skip the update, keep going
+                    window.skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                ema.update(model)
+                step += 1
+                window.grad_norm += float(grad_norm)
+                window.steps += 1
+
+                if step % config.logging.every == 0 or step in (stage_end, last_step):
+                    elapsed = time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    scalars = window.summary(runtime, level_names, elapsed, batch_size * config.optim.grad_accum)
+                    scalars["lr"] = lr
+                    scalars.update(fault_scalars(faults))
+                    faults.check()
+                    monitor.scalars(step, scalars, {"stage": stage_index, "epoch": stream.position.epoch})
+                    monitor.advance(step, {"loss": f"{scalars['loss']:.4f}", "stage": str(stage_index + 1)})
+                    result.losses = scalars
+                    window = LossWindow(len(level_names), device)
+                else:
+                    monitor.advance(step)
+                if config.logging.sample_every and step % config.logging.sample_every == 0:
+                    write_preview(out_dir, step, ema_model, mdm, schedule, conditioner, preview_prompts, config,
+                                  runtime, sharded, use_bf16)
+                    previewed_at = step
+                if config.checkpoint.every and step % config.checkpoint.every == 0:
+                    result.checkpoint = save_checkpoint(
+                        checkpoints, step, stage_index, samples_seen, wrapped, ema, optimizer, stream, config, runtime
+                    )
+                    saved_at = step
+
+            # ------------------------------------------------------------ end of the stage (or of the run)
+            result.step, result.stage, result.model, result.ema_model = step, stage_index, model, ema_model
+            if saved_at != step:
+                result.checkpoint = save_checkpoint(
+                    checkpoints, step, stage_index, samples_seen, wrapped, ema, optimizer, stream, config, runtime
+                )
+            result.model_dir = export_model(out_dir, stage_index, step, ema_model, mdm, runtime)
+            if previewed_at != step:
+                write_preview(out_dir, step, ema_model, mdm, schedule, conditioner, preview_prompts, config,
+                              runtime, sharded, use_bf16)
+            previous = (distributed.full_state_dict(wrapped), distributed.full_state_dict(ema_model), stage.levels)
+            del wrapped, optimizer
+
+        if result.model_dir is None and (out_dir / "model").is_dir():
+            result.model_dir = out_dir / "model"
+        monitor.message(f"done at step {step}" + (f"; model in {result.model_dir}" if result.model_dir else ""))
+        monitor.close()
+        distributed.barrier(runtime)
+        return result
+    finally:
+        distributed.cleanup(runtime)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss of one micro-batch
+def diffusion_loss(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    scales: list[int],
+    t: torch.Tensor,
+    noise: list[torch.Tensor],
+    conditioning: dict[str, torch.Tensor],
+    schedule: PyramidSchedule,
+    diffusion: DiffusionConfig,
+    channels_last: bool = False,
+) -> LossOutput:
+    """Per-sample multi-resolution loss of a batch of clean top-level images (B, C, S, S).
+
+    scales: the *final* model's level scales (the pyramid is always built from the full-size image,
+    then cut to the model's innermost levels); t (B,) and noise (one (B, ...) tensor per model level)
+    come from `noise.draw`. Mixed-resolution batches: level r is noised and predicted only for the
+    first rows_per_level[r] rows (the loss accounts for the rest).
+    """
+    num_levels = schedule.num_levels
+    clean = pyr.build_pyramid(images, scales)[-num_levels:]
+    clean = [x / s for x, s in zip(clean, schedule.signal_scales, strict=True)]
+    rows = rows_per_level(images.shape[0], diffusion.mixed_ratio, num_levels)
+    gammas = schedule.at(t + 1, dtype=clean[0].dtype)
+    noisy = [
+        pyr.add_noise(x[:n], eps[:n], g[:n]) for x, eps, g, n in zip(clean, noise, gammas, rows, strict=True)
+    ]
+    if channels_last:
+        noisy = [x.contiguous(memory_format=torch.channels_last) for x in noisy]
+    predictions = model(noisy, t, **conditioning)
+    return multi_resolution_loss(predictions, clean, noise, noisy, t, schedule, diffusion)
+
+
+def level_shapes_of(mdm: MDMConfig) -> list[tuple[int, ...]]:
+    model = mdm.model
+    return pyr.level_shapes((model.in_channels, model.image_size, model.image_size), model.scales)
+
+
+class LossWindow:
+    """Sums of the losses since the last log, kept on the device (no sync per step)."""
+
+    def __init__(self, num_levels: int, device: torch.device) -> None:
+        self.sums = torch.zeros(num_levels + 1, device=device)
+        self.micro_steps = 0
+        self.steps = 0
+        self.grad_norm = 0.0
+        self.skipped = 0
+
+    def add(self, loss: LossOutput) -> None:
+        values = [loss.total.mean()] + [level.mean() for level in loss.per_level]
+        self.sums += torch.stack(values).detach().float()
+        self.micro_steps += 1
+
+    def summary(self, runtime: distributed.Runtime, names: list[str], seconds: float, images_per_step: int):
+        means = distributed.mean_over_ranks(runtime, self.sums / max(1, self.micro_steps)).tolist()
+        scalars = {"loss": means[0], **dict(zip(names, means[1:], strict=True))}
+        scalars["grad_norm"] = self.grad_norm / max(1, self.steps)
+        scalars["images_per_s"] = images_per_step * self.steps / max(seconds, 1e-9)
+        if self.skipped:
+            scalars["skipped_steps"] = float(self.skipped)
+        return scalars
+
+
+def fault_scalars(faults: FaultCounter) -> dict[str, float]:
+    report = faults.report()
+    if not report["attempted"]:
+        return {}
+    scalars = {"data/failed": float(report["failed"]), "data/failure_ratio": float(report["failure_ratio"])}
+    scalars.update({f"data/{kind}": float(n) for kind, n in report["failures"].items()})
+    return scalars
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints, exports, previews
+def save_checkpoint(
+    root: Path, step: int, stage_index: int, samples_seen: int, model: torch.nn.Module, ema: EMA,
+    optimizer: torch.optim.Optimizer, stream: BatchStream, config: TrainConfig, runtime: distributed.Runtime,
+) -> Path:
+    """Gather everything on rank 0 (collective), which writes the checkpoint atomically."""
+    weights = distributed.full_state_dict(model)
+    ema_weights = distributed.full_state_dict(ema.module)
+    optimizer_tensors, optimizer_meta = split_optimizer_state(distributed.full_optimizer_state(model, optimizer))
+    positions = distributed.gather_objects(runtime, stream.position.to_dict())
+    rng_states = distributed.gather_objects(runtime, capture_rng_state())
+    path = root / f"step-{step:07d}"
+    if runtime.is_main:
+        state = {
+            "stage": stage_index,
+            "stage_levels": config.stages[stage_index].levels,
+            "samples_seen": samples_seen,
+            "ema_updates": ema.num_updates,
+            "world_size": runtime.world_size,
+            "data": positions,
+            "rng": rng_states,
+            "optimizer": optimizer_meta,
+            "config": to_dict(config),
+        }
+        path = write_checkpoint(
+            root, step, {"model": weights, "ema": ema_weights, "optimizer": optimizer_tensors}, state,
+            config.checkpoint.keep_last,
+        )
+    distributed.barrier(runtime)
+    return path
+
+
+def export_model(
+    out_dir: Path, stage_index: int, step: int, ema_model: torch.nn.Module, mdm: MDMConfig,
+    runtime: distributed.Runtime,
+) -> Path:
+    """DIR/model (and DIR/stages/stage-N): the EMA weights as a model directory for `matryoshka generate`."""
+    weights = distributed.full_state_dict(ema_model) if distributed.is_sharded(ema_model) else None
+    target = out_dir / "model"
+    if runtime.is_main:
+        plain = ema_model
+        if weights is not None:
+            plain = NestedUNet(mdm.model)
+            plain.load_state_dict(weights)
+        card = (
+            f"# Matryoshka diffusion model\n\nTrained with `matryoshka train`: stage {stage_index + 1}, "
+            f"global step {step}, levels {mdm.model.sizes} px (EMA weights).\n"
+        )
+        for directory in (out_dir / "stages" / f"stage-{stage_index + 1}", target):
+            save_model_dir(directory, plain, mdm, card)
+    distributed.barrier(runtime)
+    return target
+
+
+def write_preview(
+    out_dir: Path, step: int, ema_model: torch.nn.Module, mdm: MDMConfig, schedule: PyramidSchedule,
+    conditioner: BatchConditioner, prompts: list[str] | None, config: TrainConfig, runtime: distributed.Runtime,
+    sharded: bool, use_bf16: bool,
+) -> None:
+    """DIR/samples/step-XXXXXXX.png from the EMA model (every rank takes part when it is sharded)."""
+    if not (runtime.is_main or sharded):
+        return
+    count = config.logging.sample_count
+    conditional, unconditional = conditioner.for_samples(count, prompts)
+    device = runtime.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        levels = sample_pyramid(
+            ema_model, mdm.diffusion, schedule, conditional, unconditional, count, config.logging.sample_steps,
+            config.logging.sample_guidance, config.seed, device,
+        )
+    if runtime.is_main:
+        save_grid(pyramid_grid(levels), out_dir / "samples" / f"step-{step:07d}.png")
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def per_rank(saved: dict[str, Any], key: str, runtime: distributed.Runtime) -> Any:
+    """This rank's entry of a per-rank list in state.json; None if the world size changed."""
+    values = saved.get(key) or []
+    if len(values) == runtime.world_size:
+        return values[runtime.rank]
+    if key == "data" and values:  # map-style positions are global: any rank's is right
+        return values[0]
+    return None
+
+
+def check_resumable(config: TrainConfig, saved: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint with a different model or stage layout."""
+    old = saved.get("config", {})
+    if old.get("mdm") != to_dict(config.mdm):
+        raise ConfigError("mdm", "differs from the config of the checkpoint being resumed; use a new --out")
+    layout = [(s["levels"], s["steps"]) for s in old.get("stages", [])]
+    if layout != [(s.levels, s.steps) for s in config.stages]:
+        raise ConfigError(
+            "stages", f"levels/steps differ from the checkpoint being resumed ({layout}); use a new --out"
+        )
+
+
+__all__ = ["TrainResult", "diffusion_loss", "train"]

@@ -1,0 +1,63 @@
+"""Sample grids during training: a few DDIM steps from fixed noise, every level side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from matryoshka.data import make_grid
+from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
+from matryoshka.pyramid import level_shapes
+from matryoshka.sampling import classifier_free_guidance, sample
+from matryoshka.schedule import spaced_timesteps
+
+
+@torch.no_grad()
+def sample_pyramid(
+    model: torch.nn.Module,
+    diffusion: DiffusionConfig,
+    schedule: PyramidSchedule,
+    conditional: dict,
+    unconditional: dict,
+    count: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """`count` samples of every level (highest first) from noise drawn with `seed` (the same every call)."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    shapes = level_shapes((config.in_channels, config.image_size, config.image_size), config.scales)
+    noise = [torch.randn((count, *shape), generator=generator).to(device) for shape in shapes]
+    if conditional and guidance != 1:
+        denoiser = classifier_free_guidance(model, conditional, unconditional, guidance)
+    else:
+        denoiser = lambda pyramid, t: model(pyramid, t, **conditional)  # noqa: E731
+    timesteps = spaced_timesteps(schedule.num_train_steps, min(steps, schedule.num_train_steps))
+    return sample(
+        denoiser, noise, schedule, timesteps, method="ddim", prediction=diffusion.prediction,
+        threshold_kind=diffusion.threshold,
+    )
+
+
+def pyramid_grid(levels: list[torch.Tensor]) -> Image.Image:
+    """One row per sample, its levels from lowest to highest resolution, each scaled to the top size."""
+    size = levels[0].shape[-1]
+    count = levels[0].shape[0]
+    scaled = [F.interpolate(level.float().cpu(), size=(size, size), mode="nearest") for level in reversed(levels)]
+    tiles = torch.stack(scaled, dim=1).reshape(count * len(levels), *levels[0].shape[1:])
+    return make_grid(tiles, nrow=len(levels))
+
+
+def save_grid(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    image.save(temporary, format="PNG")
+    temporary.replace(path)
+
+
+__all__ = ["pyramid_grid", "sample_pyramid", "save_grid"]
