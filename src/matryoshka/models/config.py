@@ -199,10 +199,20 @@ class ModelConfig:
         if self.num_frames:
             ratios = self.temporal_ratios or [1] * (self.num_levels - 1)
             require(len(ratios) == self.num_levels - 1, "temporal_ratios", "needs one entry per outer level")
+            require(all(r >= 1 for r in ratios), "temporal_ratios", f"ratios must be >= 1, got {ratios}")
             require(
                 self.num_frames % math.prod(ratios) == 0,
                 "num_frames",
                 f"{self.num_frames} frames are not divisible by the temporal ratios {ratios}",
             )
-        elif self.temporal_ratios is not None:
-            raise ConfigError("temporal_ratios", "only applies to video models (num_frames > 0)")
+        else:
+            if self.temporal_ratios is not None:
+                raise ConfigError("temporal_ratios", "only applies to video models (num_frames > 0)")
+            for i, level in enumerate(self.levels):
+                require(
+                    not level.temporal_attention_layers or not any(level.temporal_attention_layers),
+                    f"levels[{i}].temporal_attention_layers",
+                    "temporal layers need a video model (num_frames > 0)",
+                )
+                require(not level.temporal_conv, f"levels[{i}].temporal_conv",
+                        "temporal layers need a video model (num_frames > 0)")

@@ -183,31 +183,73 @@ class TextHeadLayer(nn.Module):
         return self.mlp(self.attn(x, mask))
 
 
-class TemporalAttention(nn.Module):
-    """Attention across the frames of each pixel, for video; zero-init output (inflation = identity).
+def frame_position_features(num_frames: int, channels: int, device=None, dtype=None) -> torch.Tensor:
+    """Fixed sin/cos features of the frame index: (T, channels), values in [-1, 1].
 
-    x (B * T, C, H, W) -> same shape. Sequences are the T frames at one (b, h, w).
+    Parameter-free, so a temporal layer knows the order of frames from its first step and works for any
+    number of frames (a level trained on 8 frames can be run on 16).
+    """
+    half = channels // 2
+    freqs = torch.exp(torch.arange(half, device=device, dtype=torch.float32) * -(math.log(10000) / max(half, 1)))
+    angles = torch.arange(num_frames, device=device, dtype=torch.float32)[:, None] * freqs[None]
+    features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if features.shape[1] < channels:  # odd width
+        features = F.pad(features, (0, channels - features.shape[1]))
+    return features.to(dtype or torch.float32)
+
+
+def _frames_as_sequences(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B * T, C, H, W) -> (B * H * W, T, C): one sequence of T frames per pixel."""
+    n, c, h, w = x.shape
+    if n % num_frames:
+        raise ValueError(f"{n} folded rows are not a whole number of {num_frames}-frame videos")
+    return x.reshape(n // num_frames, num_frames, c, h, w).permute(0, 3, 4, 1, 2).reshape(-1, num_frames, c)
+
+
+def _sequences_as_frames(seq: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_frames_as_sequences` for a tensor shaped like `like` (B * T, C, H, W)."""
+    n, c, h, w = like.shape
+    t = seq.shape[1]
+    return seq.reshape(n // t, h, w, t, c).permute(0, 3, 4, 1, 2).reshape(n, c, h, w)
+
+
+class TemporalAttention(nn.Module):
+    """Self-attention across the frames of each pixel, then an MLP: a transformer layer over time.
+
+    x (B * T, C, H, W) -> same shape; the T frames at one (b, h, w) form a sequence. Tokens are
+    layer-normalised, then fixed sinusoidal frame positions are added (after the norm, so the positions
+    keep their scale whatever the feature magnitudes), so attention knows which frame is earlier.
+    Both residual branches end in zero-initialised projections: a new layer is exactly the identity,
+    which is what makes inflating an image model exact. A single frame (an image, or a level nested
+    down to one frame) passes through unchanged, so video models also denoise images as images.
     """
 
-    def __init__(self, channels: int, num_frames_max: int = 64, num_heads: int = 8) -> None:
+    def __init__(self, channels: int, num_heads: int = 8) -> None:
         super().__init__()
-        heads = num_heads if channels % num_heads == 0 else 1
-        self.attn = TokenSelfAttention(channels, heads)
+        self.num_heads = num_heads if channels % num_heads == 0 else 1
+        self.norm = nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj_out = zero_init(nn.Linear(channels, channels))
         self.mlp = TokenMLP(channels)
-        # Learned frame positions, so attention knows the order of frames.
-        self.frame_pos = nn.Parameter(torch.zeros(num_frames_max, channels))
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        n, c, h, w = x.shape
-        b = n // num_frames
-        seq = x.reshape(b, num_frames, c, h, w).permute(0, 3, 4, 1, 2).reshape(b * h * w, num_frames, c)
-        seq = seq + self.frame_pos[:num_frames]
-        out = self.mlp(self.attn(seq)) - self.frame_pos[:num_frames]
-        return out.reshape(b, h, w, num_frames, c).permute(0, 3, 4, 1, 2).reshape(n, c, h, w)
+        if num_frames == 1:
+            return x
+        seq = _frames_as_sequences(x, num_frames)
+        b, t, c = seq.shape
+        tokens = self.norm(seq) + frame_position_features(t, c, seq.device, seq.dtype)
+        q, k, v = self.qkv(tokens).reshape(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v)
+        seq = seq + self.proj_out(h.transpose(1, 2).reshape(b, t, c))
+        return _sequences_as_frames(self.mlp(seq), x)
 
 
 class TemporalConv(nn.Module):
-    """Residual convolution over frames (kernel 3), zero-initialised: starts as the identity."""
+    """x + conv1d_k3(SiLU(GN(x))) over the frames of each pixel; the conv starts at zero (identity).
+
+    x (B * T, C, H, W) -> same shape. Frames beyond the ends count as zero (zero padding). A single
+    frame passes through unchanged (an image is not a one-frame video padded with black).
+    """
 
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
@@ -215,12 +257,11 @@ class TemporalConv(nn.Module):
         self.conv = zero_init(nn.Conv1d(channels, channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        n, c, h, w = x.shape
-        b = n // num_frames
-        y = F.silu(self.norm(x))
-        y = y.reshape(b, num_frames, c, h, w).permute(0, 3, 4, 2, 1).reshape(b * h * w, c, num_frames)
-        y = self.conv(y).reshape(b, h, w, c, num_frames).permute(0, 4, 3, 1, 2).reshape(n, c, h, w)
-        return x + y
+        if num_frames == 1:
+            return x
+        seq = _frames_as_sequences(F.silu(self.norm(x)), num_frames)  # (B H W, T, C)
+        y = self.conv(seq.transpose(1, 2)).transpose(1, 2)
+        return x + _sequences_as_frames(y, x)
 
 
 class ResNetBlock(nn.Module):

@@ -8,8 +8,14 @@ map comes back through `out_adapter` and joins the outer up path. At initialisat
 zero, so a freshly nested outer band leaves the trained inner band exactly as it was.
 
 The core (last band) also owns the conditioning layers (text projection, pooled-text embedding,
-text-head layers), as in ml-mdm, so official state dicts load by name. A video model folds frames into
-the batch: every band sees (B * T_level, C, H, W).
+text-head layers), as in ml-mdm, so official state dicts load by name.
+
+Video: every band folds its frames into the batch, (B * T_r, C, H, W), so all spatial layers treat
+frames as independent images and only the temporal layers (TemporalConv, TemporalAttention) mix them.
+With temporal nesting (temporal_ratios) the inner band has k times fewer frames: it gets the features
+of every k-th outer frame and hands its features back held over each group of k frames
+(`_to_inner_frames`, `_to_outer_frames`). An image pyramid given to a video model is denoised as
+images (temporal layers skip single frames).
 """
 
 from __future__ import annotations
@@ -137,7 +143,7 @@ class NestedUNet(nn.Module):
             ffn=level.attention_ffn,
             resample=resample,
             temporal_attention_layers=level.temporal_at(i),
-            temporal_conv=level.temporal_conv and bool(self.config.num_frames),
+            temporal_conv=level.temporal_conv,
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -207,6 +213,7 @@ class NestedUNet(nn.Module):
         cond_emb, states, mask = self.encode_conditioning(text_states, text_mask, labels, t.shape[0])
         is_video = pyramid[0].ndim == 5
         frames = [x.shape[2] for x in pyramid] if is_video else [1] * len(pyramid)
+        self._check_frames(pyramid, frames)
         levels = [_fold_frames(x) for x in pyramid]
         outputs, _ = self._denoise(levels, frames, t, cond_emb, states, mask, micros, None)
         if is_video:
@@ -229,6 +236,25 @@ class NestedUNet(nn.Module):
             run = _checkpointed(block, states, mask, skips is not None, num_frames)
             return checkpoint(run, x, temb, *(skips or []), use_reentrant=False)
         return block(x, temb, states, mask, skips=None if skips is None else list(skips), num_frames=num_frames)
+
+    def _check_frames(self, pyramid: list[torch.Tensor], frames: list[int]) -> None:
+        """Every level has the same layout, and level r + 1 has temporal_ratios[r] times fewer frames."""
+        if any(x.ndim != pyramid[0].ndim or x.ndim not in (4, 5) for x in pyramid):
+            raise ValueError(
+                "pyramid levels must all be images (B, C, H, W) or all videos (B, C, T, H, W), got shapes "
+                f"{[tuple(x.shape) for x in pyramid]}"
+            )
+        if pyramid[0].ndim == 4:
+            return  # images: every level is one frame (temporal layers pass them through)
+        time_scales = self.config.time_scales
+        for r in range(1, len(frames)):
+            ratio = time_scales[r - 1] // time_scales[r]
+            if frames[r - 1] != frames[r] * ratio:
+                raise ValueError(
+                    f"pyramid level {r} has {frames[r]} frames and level {r - 1} has {frames[r - 1]}, but the "
+                    f"model's temporal ratio there is {ratio} (level {r - 1} must have {ratio} x {frames[r]} "
+                    "frames; build the pyramid with pyramid.build_pyramid(x, config.scales, config.time_scales))"
+                )
 
     def _denoise(self, levels, frames, t, cond_emb, states, mask, micros, features):
         """Run this band (and its inner bands) on folded levels; returns (predictions, last features)."""
@@ -302,7 +328,11 @@ def _unfold_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
 
 
 def _to_inner_frames(x: torch.Tensor, outer_frames: int, inner_frames: int) -> torch.Tensor:
-    """Features of the outer band's frames -> the inner band's (every k-th frame, as the pyramid)."""
+    """Outer features (B * T_out, C, H, W) -> the inner band's frames (B * T_in, C, H, W).
+
+    Inner frame j is outer frame j * k (k = T_out / T_in), exactly as `pyramid.downsample` keeps every
+    k-th frame, so each inner frame receives the features of the very frame it is a low-resolution copy
+    of (averaging k frames would hand it a blend of frames it never sees)."""
     if outer_frames == inner_frames:
         return x
     n, c, h, w = x.shape
@@ -311,7 +341,13 @@ def _to_inner_frames(x: torch.Tensor, outer_frames: int, inner_frames: int) -> t
 
 
 def _to_outer_frames(x: torch.Tensor, inner_frames: int, outer_frames: int) -> torch.Tensor:
-    """Inner features -> outer frames by repeating each inner frame (nearest in time)."""
+    """Inner features (B * T_in, C, H, W) -> outer frames (B * T_out, C, H, W), each held for k frames.
+
+    Outer frames j * k .. j * k + k - 1 all receive inner frame j, the key frame that starts their group
+    (sample-and-hold; with one inner frame, as in the paper's 16-frames-over-1-image nesting, every
+    frame receives it). The outer band's temporal layers learn to move from there; the out_adapter
+    starts at zero, so at inflation the key frames match the image model exactly and the other frames
+    see the image model's inner features of their group's key frame."""
     if outer_frames == inner_frames:
         return x
     n, c, h, w = x.shape
