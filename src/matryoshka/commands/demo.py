@@ -1,0 +1,104 @@
+"""`matryoshka demo`: serve a local web page (gradio) that generates images with a model.
+
+Bound to 127.0.0.1 unless --host says otherwise; a non-loopback host is served with a warning (there
+is no authentication). Limits on steps, image count and prompt length are enforced on the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import pickle
+import sys
+from pathlib import Path
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", type=Path, help="a model directory (default: the embedded Fashion-MNIST text-to-image model)"
+    )
+    parser.add_argument(
+        "--text-encoder", metavar="SPEC", help='text encoder spec overriding the model\'s ("minilm", "t5:/local/dir")'
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--host", default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page to the network)",
+    )
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--max-steps", type=int, default=100, help="most sampling steps a request may ask for")
+    parser.add_argument("--max-images", type=int, default=4, help="most images a request may ask for")
+    parser.add_argument("--max-prompt-chars", type=int, default=300, help="longest prompt accepted, in characters")
+    parser.add_argument("--title", default=None, help="page title")
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _load_pipeline(args: argparse.Namespace):
+    from matryoshka.commands.generate import TRAIN_HINT, default_model_dir
+    from matryoshka.pipeline import MatryoshkaPipeline
+
+    directory = args.model
+    if directory is None:
+        directory = default_model_dir()
+        if not (directory / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"no --model given and the embedded default model is not installed ({directory} is missing); "
+                + TRAIN_HINT
+            )
+    elif not (directory / "config.yaml").is_file():
+        raise FileNotFoundError(f"--model {directory} is not a model directory (no config.yaml in it)")
+    return MatryoshkaPipeline.from_pretrained(directory, device=args.device, text_encoder=args.text_encoder)
+
+
+def run(args: argparse.Namespace) -> int:
+    # gradio must not phone home: the page is local and may run without a network.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from matryoshka.demo import DemoLimits
+    from matryoshka.typed_config import ConfigError
+
+    def fail(message: str) -> int:
+        print(f"matryoshka demo: error: {message}", file=sys.stderr)
+        return 2
+
+    if not 1 <= args.port <= 65535:
+        return fail(f"--port must be between 1 and 65535, got {args.port}")
+    limits = DemoLimits(max_steps=args.max_steps, max_images=args.max_images, max_prompt_chars=args.max_prompt_chars)
+    try:
+        limits.validate()
+    except ConfigError as error:
+        reason = str(error).split(": ", 1)[-1]
+        return fail(f"--{error.path.replace('_', '-')} {reason}, got {getattr(limits, error.path)!r}")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        return fail("the demo needs gradio: pip install 'matryoshka-diffusion[demo]'")
+    try:
+        pipe = _load_pipeline(args)
+    except (ValueError, TypeError, FileNotFoundError, pickle.UnpicklingError) as error:
+        return fail(str(error))
+
+    from matryoshka.demo import build_demo
+
+    if not is_loopback(args.host):
+        print(
+            f"matryoshka demo: warning: listening on {args.host}: anyone who can reach this machine on port "
+            f"{args.port} can use the model (there is no authentication). Use --host 127.0.0.1 to keep it local.",
+            file=sys.stderr,
+        )
+    demo = build_demo(pipe, limits, title=args.title)
+    print(f"matryoshka demo: serving on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, show_error=True,
+                ssr_mode=False)
+    return 0
