@@ -21,9 +21,10 @@ The ODE in the VE view is dy/ds = (y - D(y; s)) / s, D = the (thresholded) x0 es
   form, exact in the linear part of the VP ODE:
       h = lambda_s - lambda_t,  x_s = (sigma_s / sigma_t) x_t - alpha_s (exp(-h) - 1) D,
       D = (1 + 1 / 2r) x0_t - (1 / 2r) x0_prev with r = h_prev / h (first step: D = x0_t).
-  Each level uses its own lambda_r, so h and r differ between levels at the same time step. The last
+  Each level uses its own alpha_r, sigma_r, lambda_r (the SNR shift offsets a level's log-SNR by a
+  constant, so h itself comes out the same for every level, but the coefficients do not). The last
   step to t = 0 is first order (D = x0_t, i.e. x_0 = x0_t): at lambda = +inf the second-order
-  extrapolation would divide by r = 0, and every reference implementation also lowers the order there.
+  extrapolation would divide by r = 0 (common implementations, e.g. diffusers, also lower the order there).
 
 The network receives t - 1 as the discrete sampler does: a LongTensor for integer timesteps, a float
 tensor for fractional ones (the time embedding is a sinusoid of a float, so both work).
