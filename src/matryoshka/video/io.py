@@ -153,9 +153,9 @@ def save_video_levels(
     top_frames = levels[0].shape[-3]
     written = []
     for r, level in enumerate(levels):
-        video = tile_videos(level) if level.ndim == 5 else level
         factor = max(1, top // level.shape[-1])
-        written.append(
-            save_video(video, level_video_path(path, r), fps * level.shape[-3] / top_frames, upscale * factor)
-        )
+        # Enlarge before tiling, so that every level's grid has the same layout and padding.
+        level = level.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2)
+        video = tile_videos(level) if level.ndim == 5 else level
+        written.append(save_video(video, level_video_path(path, r), fps * level.shape[-3] / top_frames, upscale))
     return written
