@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ class DataConfig:
     split: Literal["train", "test"] = "train"  # fashion_mnist only
     fit: Literal["pad", "resize"] = "pad"  # fashion_mnist: pad 28 px onto the canvas, or resize
     captions: bool = True  # folder: read sidecar .txt captions
+    labels: bool = False  # folder: class label = index of the first-level subfolder (root/<class>/...)
     # Images per micro-step summed over all ranks (each rank gets batch_size / world_size).
     batch_size: int = 32
     num_workers: int = 0
@@ -60,6 +62,7 @@ class DataConfig:
             "path",
             f"is required for dataset {self.dataset!r} (the image folder or the shard pattern)",
         )
+        require(not self.labels or self.dataset == "folder", "labels", "only applies to dataset 'folder'")
         require(
             self.dataset == "shards" or not isinstance(self.path, list),
             "path",
@@ -228,6 +231,9 @@ class TrainConfig:
         return bounds
 
 
+_EXPONENT_NUMBER = re.compile(r"^[-+]?\d+[eE][-+]?\d+$")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key.path=value` overrides to a raw config dict (a copy); values are parsed as YAML.
 
@@ -244,6 +250,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ConfigError(key, f"cannot parse {text!r} as a YAML value: {err}") from None
+        if isinstance(value, str) and _EXPONENT_NUMBER.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string; on a command line it is a number
         parts = key.split(".")
         node: Any = raw
         for depth, part in enumerate(parts):

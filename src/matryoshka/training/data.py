@@ -13,6 +13,7 @@ already consumed in the epoch (they are read and decoded again, then dropped).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -55,6 +56,34 @@ class _Subset(Dataset):
             self.dataset.set_epoch(epoch)
 
 
+class LabelledFolders(Dataset):
+    """An ImageNet-style tree, root/<class>/.../image, with label = index of <class> in sorted order.
+
+    One ImageFolderDataset per class folder, so a bad image is replaced (by the data layer) with another
+    image of the same class and labels stay right.
+    """
+
+    def __init__(self, root: str, image_size: int, channels: int, captions: bool, faults: FaultCounter) -> None:
+        from pathlib import Path
+
+        folders = sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+        if not folders:
+            raise ValueError(f"data.labels is true but {root} has no class subfolders (root/<class>/<images>)")
+        self.class_names = [p.name for p in folders]
+        self.parts = [ImageFolderDataset(p, image_size, channels, captions, faults) for p in folders]
+        self.starts = [0]
+        for part in self.parts:
+            self.starts.append(self.starts[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        label = bisect.bisect_right(self.starts, index) - 1
+        item = self.parts[label][index - self.starts[label]]
+        return {**item, "label": label}
+
+
 def build_dataset(
     config: DataConfig, image_size: int, channels: int, rank: int, world_size: int, seed: int, faults: FaultCounter
 ) -> Dataset | IterableDataset:
@@ -64,6 +93,8 @@ def build_dataset(
             config.split, image_size=image_size, channels=channels, root=config.path, fit=config.fit,
             caption_seed=seed,
         )
+    elif config.dataset == "folder" and config.labels:
+        dataset = LabelledFolders(str(config.path), image_size, channels, config.captions, faults)
     elif config.dataset == "folder":
         dataset = ImageFolderDataset(
             str(config.path), image_size=image_size, channels=channels, captions=config.captions, faults=faults
@@ -204,4 +235,6 @@ class BatchStream:
         return batch
 
 
-__all__ = ["BatchStream", "DataPosition", "GlobalBatchSampler", "build_dataset", "collate", "epoch_order"]
+__all__ = [
+    "BatchStream", "DataPosition", "GlobalBatchSampler", "LabelledFolders", "build_dataset", "collate", "epoch_order",
+]

@@ -99,6 +99,12 @@ def train(
         dataset = build_dataset(
             config.data, final.image_size, final.in_channels, runtime.rank, runtime.world_size, config.seed, faults
         )
+        found_classes = getattr(dataset, "class_names", None)
+        if found_classes is not None and len(found_classes) != final.num_classes:
+            raise ConfigError(
+                "mdm.model.num_classes",
+                f"is {final.num_classes} but {config.data.path} has {len(found_classes)} class folders",
+            )
         position = per_rank(saved, "data", runtime) if saved else None
         stream = BatchStream(
             dataset, config.data, runtime.rank, runtime.world_size, config.seed,
