@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert-mlmdm": ("matryoshka.commands.convert_mlmdm", "convert an official ml-mdm checkpoint"),
     "demo": ("matryoshka.commands.demo", "serve a local web page (gradio) that generates images with a model"),
+    "eval": ("matryoshka.commands.eval", "score a model: FID/KID, precision/recall, conditioning accuracy"),
     "generate": ("matryoshka.commands.generate", "generate images from a prompt (or class) with a trained model"),
     "quickstart": ("matryoshka.commands.quickstart", "train a tiny nested model on Fashion-MNIST, then sample"),
     "train": ("matryoshka.commands.train", "train a nested model from a YAML config (progressive stages, resume, DDP)"),

@@ -1,0 +1,101 @@
+"""`matryoshka eval --model DIR`: sample a model and score it (FID, KID, precision/recall, conditioning
+fidelity). Writes report.json, samples.png and per_class_accuracy.png into --out.
+
+    matryoshka eval --model runs/fashion/model --num-samples 1000 --steps 20 --out eval/fashion
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from matryoshka.evaluation.run import FASHION_MNIST, EvalSettings
+    from matryoshka.pipeline import available_samplers
+
+    defaults = EvalSettings()
+    parser.add_argument("--model", type=Path, required=True, help="a model directory (config.yaml + model.safetensors)")
+    parser.add_argument(
+        "--reference", default=FASHION_MNIST, metavar="fashion_mnist|FOLDER",
+        help="real images to compare with: the Fashion-MNIST test split (default) or a folder of images",
+    )
+    parser.add_argument("--num-reference", type=int, default=defaults.num_reference, metavar="M",
+                        help=f"reference images used (default {defaults.num_reference})")
+    parser.add_argument("--num-samples", type=int, default=defaults.num_samples, metavar="N",
+                        help=f"samples generated and scored (default {defaults.num_samples})")
+    parser.add_argument("--steps", type=int, default=defaults.steps, metavar="K",
+                        help=f"sampler steps (default {defaults.steps})")
+    parser.add_argument("--guidance", default=str(defaults.guidance), metavar="W",
+                        help=f"guidance scale, or one per level highest first: 2 or 2,1 (default {defaults.guidance})")
+    parser.add_argument("--sampler", default=defaults.sampler, choices=available_samplers(),
+                        help=f"sampler (default {defaults.sampler})")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default {defaults.seed})")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="B",
+                        help=f"images per forward pass (default {defaults.batch_size})")
+    classifier = parser.add_mutually_exclusive_group()
+    classifier.add_argument(
+        "--classifier", type=Path, metavar="DIR",
+        help="a saved classifier for conditioning fidelity (default: one trained on Fashion-MNIST, cached)",
+    )
+    classifier.add_argument("--no-classifier", action="store_true", help="skip conditioning fidelity")
+    parser.add_argument("--classifier-epochs", type=int, default=defaults.classifier_epochs,
+                        help=f"epochs of a classifier trained on the fly (default {defaults.classifier_epochs})")
+    parser.add_argument("--kid-subsets", type=int, default=defaults.kid_subsets,
+                        help=f"KID subsets (default {defaults.kid_subsets})")
+    parser.add_argument("--kid-subset-size", type=int, default=defaults.kid_subset_size,
+                        help=f"KID subset size, capped by the smaller set (default {defaults.kid_subset_size})")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="reference statistics and classifiers (default $MATRYOSHKA_CACHE/eval or "
+                        "~/.cache/matryoshka/eval)")
+    parser.add_argument("--text-encoder", metavar="SPEC", help="override a text model's encoder (e.g. t5:/dir)")
+    parser.add_argument("--device", default=defaults.device, help=f"torch device (default {defaults.device})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (report.json, PNG plots)")
+
+
+def parse_guidance(text: str) -> float | list[float]:
+    """"2" -> 2.0; "2,1" -> [2.0, 1.0] (one per level, highest first)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--guidance must be a number or comma-separated numbers, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def run(args: argparse.Namespace) -> int:
+    from matryoshka.evaluation import InceptionUnavailableError
+    from matryoshka.evaluation.run import EvalSettings, Evaluator
+    from matryoshka.pipeline import MatryoshkaPipeline
+    from matryoshka.typed_config import ConfigError
+
+    try:
+        settings = EvalSettings(
+            num_samples=args.num_samples, steps=args.steps, guidance=parse_guidance(args.guidance),
+            sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, reference=args.reference,
+            num_reference=args.num_reference, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+            classifier_epochs=args.classifier_epochs, device=args.device,
+        )
+        settings.validate()
+        if not (args.model / "config.yaml").is_file():
+            raise FileNotFoundError(f"--model {args.model} is not a model directory (no config.yaml in it)")
+        pipe = MatryoshkaPipeline.from_pretrained(args.model, device=args.device, text_encoder=args.text_encoder)
+        evaluator = Evaluator(
+            settings, cache_dir=args.cache_dir, classifier_dir=args.classifier, skip_classifier=args.no_classifier,
+            progress=not args.quiet,
+        )
+        report = evaluator.evaluate(pipe, args.out, model_name=str(args.model))
+    except (ValueError, TypeError, FileNotFoundError, ConfigError, InceptionUnavailableError) as error:
+        print(f"matryoshka eval: error: {error}", file=sys.stderr)
+        return 2
+
+    accuracy = report["conditioning"]["accuracy"]
+    kid_mean, kid_std = report["kid"]["mean"], report["kid"]["std"]
+    print(
+        f"{report['num_samples']} samples, {settings.steps} {settings.sampler} steps: FID {report['fid']:.2f}  "
+        f"KID {kid_mean:.4f} ± {kid_std:.4f}  precision {report['precision']:.3f}  recall {report['recall']:.3f}"
+        + (f"  conditioning accuracy {accuracy:.1%}" if accuracy is not None else "")
+        + f"\nreport: {args.out / 'report.json'}"
+    )
+    return 0
