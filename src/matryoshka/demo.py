@@ -132,7 +132,8 @@ def _whole_number(value: Any, field: str) -> int:
 
 def _in_range(value: int, field: str, low: int, high: int) -> int:
     if not low <= value <= high:
-        raise DemoRequestError(f"{field} must be between {low} and {high}, got {value}")
+        shown = str(value) if len(str(value)) <= 24 else f"a {len(str(abs(value)))}-digit number"
+        raise DemoRequestError(f"{field} must be between {low} and {high}, got {shown}")
     return value
 
 
@@ -413,7 +414,11 @@ def build_demo(pipe: MatryoshkaPipeline, limits: DemoLimits | None = None, title
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 info = gr.Textbox(label="Status", interactive=False, elem_id="info")
-                gallery_options: dict[str, Any] = {"columns": limits.max_images, "object_fit": "contain"}
+                # One row of max_images thumbnails in a ~800 px wide column, without empty space below.
+                row_height = max(160, min(320, 800 // limits.max_images + 40))
+                gallery_options: dict[str, Any] = {
+                    "columns": limits.max_images, "object_fit": "contain", "height": row_height,
+                }
                 if "fit_columns" in inspect.signature(gr.Gallery.__init__).parameters:
                     gallery_options["fit_columns"] = False  # gradio >= 6 stretches few images to the full width
                 galleries = [
