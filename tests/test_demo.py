@@ -370,14 +370,30 @@ def test_command_refuses_bad_options(model_dir, tmp_path, capsys):
     assert "is not a model directory" in capsys.readouterr().err
 
 
+def test_command_serves_the_embedded_model_by_default(model_dir, tmp_path, monkeypatch, capsys):
+    import matryoshka.commands.generate as generate_command
+    import matryoshka.demo
+
+    monkeypatch.setattr(generate_command, "default_model_dir", lambda: tmp_path / "not-installed")
+    assert cli.main(["demo"]) == 2
+    assert "the embedded default model is not installed" in capsys.readouterr().err
+
+    page, built = RecordingPage(), {}
+    monkeypatch.setattr(generate_command, "default_model_dir", lambda: model_dir)
+    monkeypatch.setattr(matryoshka.demo, "build_demo", lambda pipe, limits, title=None: built.update(pipe=pipe) or page)
+    assert cli.main(["demo"]) == 0
+    assert built["pipe"].config.model == MatryoshkaPipeline.from_pretrained(model_dir).config.model
+    assert page.launched["server_name"] == "127.0.0.1" and page.launched["server_port"] == 7860
+
+
 class RecordingPage:
     """Stands in for the gradio Blocks so the command's launch options can be read without serving."""
 
     def __init__(self) -> None:
         self.launched: dict = {}
 
-    def launch(self, **options) -> None:
-        self.launched = options
+    def launch(self, server_name: str, server_port: int, share: bool, **options) -> None:
+        self.launched = {"server_name": server_name, "server_port": server_port, "share": share, **options}
 
 
 @pytest.mark.parametrize(("host", "warned"), [("127.0.0.1", False), ("0.0.0.0", True)])

@@ -7,6 +7,7 @@ is no authentication). Limits on steps, image count and prompt length are enforc
 from __future__ import annotations
 
 import argparse
+import inspect
 import ipaddress
 import os
 import pickle
@@ -99,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         )
     demo = build_demo(pipe, limits, title=args.title)
     print(f"matryoshka demo: serving on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, show_error=True,
-                ssr_mode=False)
+    options = {"server_name": args.host, "server_port": args.port, "share": False, "show_error": True}
+    if "ssr_mode" in inspect.signature(demo.launch).parameters:
+        options["ssr_mode"] = False  # gradio >= 5 could render through a Node server; plain serving suffices
+    demo.launch(**options)
     return 0
