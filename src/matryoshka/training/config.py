@@ -23,19 +23,25 @@ import yaml
 from matryoshka.model_dir import MDMConfig
 from matryoshka.typed_config import ConfigError, from_dict, require
 
+VIDEO_DATASETS: tuple[str, ...] = ("moving_fashion_mnist", "video_folder", "video_shards")
+
 
 @dataclass
 class DataConfig:
     """Where the images come from and how they are batched."""
 
-    dataset: Literal["fashion_mnist", "folder", "shards"] = "fashion_mnist"
-    # fashion_mnist: directory of the IDX files (null: the Debian package, then the cache);
-    # folder: the image root; shards: a brace pattern ("data/{00000..00099}.tar") or a list of tar paths.
+    dataset: Literal[
+        "fashion_mnist", "folder", "shards", "moving_fashion_mnist", "video_folder", "video_shards"
+    ] = "fashion_mnist"
+    # fashion_mnist, moving_fashion_mnist: directory of the IDX files (null: the Debian package, then the
+    # cache); folder, video_folder: the root; shards, video_shards: a brace pattern
+    # ("data/{00000..00099}.tar") or a list of tar paths. The video kinds need mdm.model.num_frames > 0.
     path: str | list[str] | None = None
-    split: Literal["train", "test"] = "train"  # fashion_mnist only
+    split: Literal["train", "test"] = "train"  # fashion_mnist, moving_fashion_mnist
     fit: Literal["pad", "resize"] = "pad"  # fashion_mnist: pad 28 px onto the canvas, or resize
     captions: bool = True  # folder: read sidecar .txt captions
     labels: bool = False  # folder: class label = index of the first-level subfolder (root/<class>/...)
+    stride: int = 1  # video_folder, video_shards: clips take every stride-th frame of the video
     # Images per micro-step summed over all ranks (each rank gets batch_size / world_size).
     batch_size: int = 32
     num_workers: int = 0
@@ -57,14 +63,15 @@ class DataConfig:
         require(0 <= self.cond_dropout < 1, "cond_dropout", "must be in [0, 1)")
         require(0 <= self.max_failure_ratio <= 1, "max_failure_ratio", "must be in [0, 1]")
         require(self.min_samples >= 0, "min_samples", "must be >= 0")
+        require(self.stride >= 1, "stride", "must be >= 1")
         require(
-            self.dataset == "fashion_mnist" or self.path is not None,
+            self.dataset in ("fashion_mnist", "moving_fashion_mnist") or self.path is not None,
             "path",
             f"is required for dataset {self.dataset!r} (the image folder or the shard pattern)",
         )
         require(not self.labels or self.dataset == "folder", "labels", "only applies to dataset 'folder'")
         require(
-            self.dataset == "shards" or not isinstance(self.path, list),
+            self.dataset in ("shards", "video_shards") or not isinstance(self.path, list),
             "path",
             "a list of paths is only accepted for dataset 'shards'",
         )
@@ -110,11 +117,15 @@ class StageConfig:
     # Loss weight of each of the stage's levels, highest first; null = mdm.diffusion.level_weights
     # (its innermost entries) or 1 each.
     level_weights: list[float] | None = None
+    # Video models: train on one frame per clip, as images (temporal layers skip single frames, so they
+    # stay at identity): the image-like base that later video stages start from.
+    frames_as_images: bool = False
     lr: float | None = None  # null = optim.lr
     batch_size: int | None = None  # null = data.batch_size
     warmup_steps: int | None = None  # null = optim.warmup_steps
     # Start from a trained model as the inner model: one of our model directories, or an official
-    # ml-mdm checkpoint file (converted with matryoshka.interop.load_official).
+    # ml-mdm checkpoint file (converted with matryoshka.interop.load_official). For a video model this may
+    # be an image model: it is inflated (matryoshka.video.inflate_image_model).
     init_inner_from: str | None = None
 
     def validate(self) -> None:
@@ -159,7 +170,7 @@ class CheckpointConfig:
 class LoggingConfig:
     every: int = 50  # steps between scalar logs (TensorBoard, metrics.jsonl)
     sample_every: int = 0  # steps between sample grids (0: only at the end of each stage)
-    sample_count: int = 8  # samples per grid
+    sample_count: int = 8  # samples per grid (0: no grids)
     sample_steps: int = 20  # DDIM steps per sample
     sample_guidance: float = 1.0  # classifier-free guidance scale of the grids (1 = none)
     # Prompts of the grids of a text-conditioned model; null = captions of the first batch.
@@ -170,7 +181,7 @@ class LoggingConfig:
     def validate(self) -> None:
         require(self.every >= 1, "every", "must be >= 1")
         require(self.sample_every >= 0, "sample_every", "must be >= 0")
-        require(self.sample_count >= 1, "sample_count", "must be >= 1")
+        require(self.sample_count >= 0, "sample_count", "must be >= 0 (0: no sample grids)")
         require(self.sample_steps >= 1, "sample_steps", "must be >= 1")
         require(self.sample_guidance >= 0, "sample_guidance", "must be >= 0")
 
@@ -212,7 +223,20 @@ class TrainConfig:
             f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
         require(self.seed >= 0, "seed", "must be >= 0")
-        if self.data.dataset == "fashion_mnist":
+        video_data = self.data.dataset in VIDEO_DATASETS
+        require(
+            video_data == (self.mdm.model.num_frames > 0),
+            "data.dataset",
+            f"{self.data.dataset!r} gives {'clips' if video_data else 'images'} but mdm.model.num_frames is "
+            f"{self.mdm.model.num_frames}: use {'an image' if video_data else 'a video'} dataset or model",
+        )
+        for i, stage in enumerate(self.stages):
+            require(
+                not stage.frames_as_images or self.mdm.model.num_frames > 0,
+                f"stages[{i}].frames_as_images",
+                "only applies to video models (mdm.model.num_frames > 0)",
+            )
+        if self.data.dataset in ("fashion_mnist", "moving_fashion_mnist"):
             require(
                 self.mdm.model.in_channels in (1, 3),
                 "mdm.model.in_channels",

@@ -85,9 +85,13 @@ class LabelledFolders(Dataset):
 
 
 def build_dataset(
-    config: DataConfig, image_size: int, channels: int, rank: int, world_size: int, seed: int, faults: FaultCounter
+    config: DataConfig, image_size: int, channels: int, rank: int, world_size: int, seed: int, faults: FaultCounter,
+    num_frames: int = 0,
 ) -> Dataset | IterableDataset:
-    """The dataset a DataConfig names; items are {"image": (C, S, S) in [-1, 1], "label", "caption"}."""
+    """The dataset a DataConfig names; items are {"image": (C, S, S) in [-1, 1], "label", "caption"}, or
+    for the video kinds {"video": (C, num_frames, S, S), ...}."""
+    if config.dataset in ("moving_fashion_mnist", "video_folder", "video_shards"):
+        return _video_dataset(config, image_size, channels, rank, world_size, seed, faults, num_frames)
     if config.dataset == "fashion_mnist":
         dataset: Dataset = FashionMNIST(
             config.split, image_size=image_size, channels=channels, root=config.path, fit=config.fit,
@@ -108,6 +112,34 @@ def build_dataset(
     if config.limit is not None:
         dataset = _Subset(dataset, config.limit)
     return dataset
+
+
+def _video_dataset(
+    config: DataConfig, image_size: int, channels: int, rank: int, world_size: int, seed: int, faults: FaultCounter,
+    num_frames: int,
+) -> Dataset | IterableDataset:
+    from matryoshka.video import MovingFashionMNIST, VideoFolderDataset, VideoShardDataset
+
+    if num_frames < 1:
+        raise ValueError(f"dataset {config.dataset!r} needs the model's num_frames (got {num_frames})")
+    if config.dataset == "video_shards":
+        return VideoShardDataset(
+            config.path,  # type: ignore[arg-type]
+            num_frames, image_size, channels, config.stride, random_start=config.shuffle,
+            shuffle_buffer=config.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
+            shuffle=config.shuffle, repeat=False, faults=faults,
+        )
+    if config.dataset == "video_folder":
+        dataset: Dataset = VideoFolderDataset(
+            str(config.path), num_frames, image_size, channels, config.stride, random_start=config.shuffle,
+            seed=seed, captions=config.captions, faults=faults,
+        )
+    else:
+        dataset = MovingFashionMNIST(
+            config.split, num_frames=num_frames, image_size=image_size, channels=channels, caption_seed=seed,
+            root=config.path,
+        )
+    return _Subset(dataset, config.limit) if config.limit is not None else dataset
 
 
 def epoch_order(size: int, epoch: int, seed: int, shuffle: bool) -> torch.Tensor:
@@ -147,8 +179,9 @@ class GlobalBatchSampler:
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """-> {"image": (B, C, S, S), or clips (B, C, T, S, S) from video datasets, "label": (B,), "caption"}."""
     return {
-        "image": torch.stack([item["image"] for item in items]),
+        "image": torch.stack([item["video"] if "video" in item else item["image"] for item in items]),
         "label": torch.tensor([int(item["label"]) for item in items], dtype=torch.long),
         "caption": [item["caption"] for item in items],
     }

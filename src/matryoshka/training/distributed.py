@@ -29,6 +29,7 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # setup() created the process group (and cleanup() destroys it)
 
     @property
     def is_main(self) -> bool:
@@ -54,21 +55,24 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
 
 
 def setup(device_preference: str = "auto") -> Runtime:
-    """Join the torchrun process group if the environment describes one."""
+    """Join the torchrun process group if the environment describes one (and none is joined yet)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    owns_group = False
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(minutes=30))
-    return Runtime(rank, world_size, local_rank, device)
+        owns_group = True
+    return Runtime(rank, world_size, local_rank, device, owns_group)
 
 
 def cleanup(runtime: Runtime) -> None:
-    if runtime.distributed and dist.is_initialized():
+    """Leave the process group if setup() joined it (a caller's own group stays)."""
+    if runtime.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -182,11 +186,29 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer state keyed by parameter names, unsharded, on the CPU (collective when sharded)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Names of the optimizer's parameters in its own order (the indices of its state dict)."""
+    names = {id(p): name for name, p in unwrap(model).named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
-    state = get_optimizer_state_dict(unwrap(model), optimizer, options=StateDictOptions(full_state_dict=True))
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state keyed by parameter names, unsharded, on the CPU (collective when sharded).
+
+    The layout is torch.distributed.checkpoint's: {"state": {name: {...}}, "param_groups": [{..., "params":
+    [names]}]}. Unsharded models skip that (slow to import) module and rename the indices directly.
+    """
+    if is_sharded(unwrap(model)):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(unwrap(model), optimizer, options=StateDictOptions(full_state_dict=True))
+    else:
+        names = _parameter_names(model, optimizer)
+        raw = optimizer.state_dict()
+        state = {
+            "state": {names[index]: dict(entries) for index, entries in raw["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in raw["param_groups"]],
+        }
     for entries in state["state"].values():
         for name, value in entries.items():
             if isinstance(value, torch.Tensor):
@@ -195,9 +217,22 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    """Inverse of `full_optimizer_state`; every rank passes the same full state."""
+    if is_sharded(unwrap(model)):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(unwrap(model), optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    index = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
+    unknown = sorted(set(state["state"]) - set(index))
+    if unknown:
+        raise ValueError(f"the saved optimizer state names parameters the model does not have: {unknown[:3]}")
+    optimizer.load_state_dict(
+        {
+            "state": {index[name]: entries for name, entries in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]],
+        }
+    )
 
 
 __all__ = [

@@ -97,7 +97,8 @@ def train(
         final = config.mdm.model
         faults = FaultCounter(config.data.max_failure_ratio, config.data.min_samples)
         dataset = build_dataset(
-            config.data, final.image_size, final.in_channels, runtime.rank, runtime.world_size, config.seed, faults
+            config.data, final.image_size, final.in_channels, runtime.rank, runtime.world_size, config.seed, faults,
+            num_frames=final.num_frames,
         )
         found_classes = getattr(dataset, "class_names", None)
         if found_classes is not None and len(found_classes) != final.num_classes:
@@ -194,18 +195,23 @@ def train(
                 for micro in range(config.optim.grad_accum):
                     batch = stream.next(batch_size)
                     if preview_prompts is None:
-                        preview_prompts = batch["caption"][: config.logging.sample_count]
+                        preview_prompts = batch["caption"][: max(1, config.logging.sample_count)]
                     first = samples_seen + runtime.rank * local_batch
+                    images = batch["image"]
+                    if stage.frames_as_images and images.ndim == 5:
+                        images = one_frame_each(images, first)
                     draws = draw(
-                        list(range(first, first + local_batch)), level_shapes_of(mdm), schedule.num_train_steps,
-                        config.data.cond_dropout if conditioner.conditional else 0.0, config.seed, device,
+                        list(range(first, first + local_batch)), level_shapes_of(mdm, images.ndim == 4),
+                        schedule.num_train_steps, config.data.cond_dropout if conditioner.conditional else 0.0,
+                        config.seed, device,
                     )
                     conditioning = conditioner(batch["label"], batch["caption"], draws.drop)
                     with distributed.gradient_sync(wrapped, micro == config.optim.grad_accum - 1):
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                             loss = diffusion_loss(
-                                wrapped, batch["image"].to(device, non_blocking=True), final.scales, draws.t,
+                                wrapped, images.to(device, non_blocking=True), final.scales, draws.t,
                                 draws.noise, conditioning, schedule, mdm.diffusion, config.optim.channels_last,
+                                time_scales=final.time_scales if images.ndim == 5 else None,
                             )
                         (loss.mean() / config.optim.grad_accum).backward()
                     samples_seen += batch_size
@@ -282,8 +288,10 @@ def diffusion_loss(
     schedule: PyramidSchedule,
     diffusion: DiffusionConfig,
     channels_last: bool = False,
+    time_scales: list[int] | None = None,
 ) -> LossOutput:
-    """Per-sample multi-resolution loss of a batch of clean top-level images (B, C, S, S).
+    """Per-sample multi-resolution loss of a batch of clean top-level images (B, C, S, S), or of clips
+    (B, C, T, S, S) with the final model's `time_scales` (the frames of every level, see ModelConfig).
 
     scales: the *final* model's level scales (the pyramid is always built from the full-size image,
     then cut to the model's innermost levels); t (B,) and noise (one (B, ...) tensor per model level)
@@ -291,7 +299,7 @@ def diffusion_loss(
     first rows_per_level[r] rows (the loss accounts for the rest).
     """
     num_levels = schedule.num_levels
-    clean = pyr.build_pyramid(images, scales)[-num_levels:]
+    clean = pyr.build_pyramid(images, scales, time_scales)[-num_levels:]
     clean = [x / s for x, s in zip(clean, schedule.signal_scales, strict=True)]
     rows = rows_per_level(images.shape[0], diffusion.mixed_ratio, num_levels)
     gammas = schedule.at(t + 1, dtype=clean[0].dtype)
@@ -304,9 +312,21 @@ def diffusion_loss(
     return multi_resolution_loss(predictions, clean, noise, noisy, t, schedule, diffusion)
 
 
-def level_shapes_of(mdm: MDMConfig) -> list[tuple[int, ...]]:
+def level_shapes_of(mdm: MDMConfig, images: bool = False) -> list[tuple[int, ...]]:
+    """Per-sample shapes of the model's levels: (C, S_r, S_r), or (C, T_r, S_r, S_r) for a video model
+    unless `images` (a video model trained on single frames)."""
     model = mdm.model
+    if model.num_frames and not images:
+        top = (model.in_channels, model.num_frames, model.image_size, model.image_size)
+        return pyr.level_shapes(top, model.scales, model.time_scales)
     return pyr.level_shapes((model.in_channels, model.image_size, model.image_size), model.scales)
+
+
+def one_frame_each(clips: torch.Tensor, first_sample: int) -> torch.Tensor:
+    """Clips (B, C, T, H, W) -> frames (B, C, H, W): sample n of the run (global index) gets frame n mod T,
+    so every frame position is trained on, the same way on any number of processes and after a resume."""
+    frames = (torch.arange(clips.shape[0]) + first_sample) % clips.shape[2]
+    return clips[torch.arange(clips.shape[0]), :, frames]
 
 
 class LossWindow:
@@ -403,10 +423,11 @@ def write_preview(
     conditioner: BatchConditioner, prompts: list[str] | None, config: TrainConfig, runtime: distributed.Runtime,
     sharded: bool, use_bf16: bool,
 ) -> None:
-    """DIR/samples/step-XXXXXXX.png from the EMA model (every rank takes part when it is sharded)."""
-    if not (runtime.is_main or sharded):
-        return
+    """DIR/samples/step-XXXXXXX.png (+ .gif for video) from the EMA model (every rank takes part when it is
+    sharded)."""
     count = config.logging.sample_count
+    if count == 0 or not (runtime.is_main or sharded):
+        return
     conditional, unconditional = conditioner.for_samples(count, prompts)
     device = runtime.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -416,6 +437,10 @@ def write_preview(
         )
     if runtime.is_main:
         save_grid(pyramid_grid(levels), out_dir / "samples" / f"step-{step:07d}.png")
+        if levels[0].ndim == 5:  # video: the top level also as an animation
+            from matryoshka.video import save_video, tile_videos
+
+            save_video(tile_videos(levels[0].float().cpu()), out_dir / "samples" / f"step-{step:07d}.gif", upscale=2)
 
 
 # ------------------------------------------------------------------------------------------------

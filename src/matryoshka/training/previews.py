@@ -31,7 +31,11 @@ def sample_pyramid(
     """`count` samples of every level (highest first) from noise drawn with `seed` (the same every call)."""
     config = model.config
     generator = torch.Generator().manual_seed(seed)
-    shapes = level_shapes((config.in_channels, config.image_size, config.image_size), config.scales)
+    if config.num_frames:
+        top = (config.in_channels, config.num_frames, config.image_size, config.image_size)
+        shapes = level_shapes(top, config.scales, config.time_scales)
+    else:
+        shapes = level_shapes((config.in_channels, config.image_size, config.image_size), config.scales)
     noise = [torch.randn((count, *shape), generator=generator).to(device) for shape in shapes]
     if conditional and guidance != 1:
         denoiser = classifier_free_guidance(model, conditional, unconditional, guidance)
@@ -45,12 +49,28 @@ def sample_pyramid(
 
 
 def pyramid_grid(levels: list[torch.Tensor]) -> Image.Image:
-    """One row per sample, its levels from lowest to highest resolution, each scaled to the top size."""
+    """One row per sample, its levels from lowest to highest resolution, each scaled to the top size.
+
+    Videos (B, C, T_r, S_r, S_r): one row per sample and level (lowest first), one column per top-level
+    frame; a level with fewer frames shows each of its frames under the top frames it stands for."""
+    if levels[0].ndim == 5:
+        return _video_grid(levels)
     size = levels[0].shape[-1]
     count = levels[0].shape[0]
     scaled = [F.interpolate(level.float().cpu(), size=(size, size), mode="nearest") for level in reversed(levels)]
     tiles = torch.stack(scaled, dim=1).reshape(count * len(levels), *levels[0].shape[1:])
     return make_grid(tiles, nrow=len(levels))
+
+
+def _video_grid(levels: list[torch.Tensor]) -> Image.Image:
+    count, _, frames, size, _ = levels[0].shape
+    rows = []
+    for level in reversed(levels):
+        level = level.float().cpu().repeat_interleave(frames // level.shape[2], dim=2)  # (B, C, T, S_r, S_r)
+        flat = level.transpose(1, 2).flatten(0, 1)  # (B * T, C, S_r, S_r)
+        rows.append(F.interpolate(flat, size=(size, size), mode="nearest").unflatten(0, (count, frames)))
+    tiles = torch.stack(rows, dim=1).flatten(0, 2)  # sample-major, then level, then frame
+    return make_grid(tiles, nrow=frames)
 
 
 def save_grid(image: Image.Image, path: Path) -> None:

@@ -114,6 +114,8 @@ def initial_models(
     inner = previous
     if stage.init_inner_from is not None:
         loaded = load_inner_model(stage.init_inner_from)
+        if target.num_frames and not loaded.config.num_frames:  # an image model starts a video model
+            return _inflated(model, loaded)
         check_inner_config(loaded.config, target)
         weights = loaded.state_dict()
         inner = (weights, weights, loaded.config.num_levels)
@@ -125,6 +127,17 @@ def initial_models(
         nest_weights(model, weights, levels)
         nest_weights(ema_model, ema_weights, levels)
     return model, ema_model
+
+
+def _inflated(model: NestedUNet, image: NestedUNet) -> tuple[NestedUNet, NestedUNet]:
+    """(model, EMA model) holding the image model's weights; temporal layers stay at identity."""
+    from matryoshka.video import load_image_weights
+
+    try:
+        load_image_weights(model, image)
+    except ValueError as error:
+        raise ConfigError("init_inner_from", f"cannot inflate the image model into the video model: {error}") from None
+    return model, copy.deepcopy(model)
 
 
 __all__ = [

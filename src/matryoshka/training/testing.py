@@ -24,7 +24,10 @@ _TINY: dict[str, Any] = {
         },
         "diffusion": {},
     },
-    "data": {"dataset": "fashion_mnist", "fit": "resize", "batch_size": 8, "limit": 64, "cond_dropout": 0.25},
+    "data": {
+        "dataset": "fashion_mnist", "split": "test", "fit": "resize", "batch_size": 8, "limit": 64,
+        "cond_dropout": 0.25,
+    },
     "optim": {"lr": 1e-3, "warmup_steps": 1},
     "stages": [{"levels": 1, "steps": 2}, {"levels": 2, "steps": 2}],
     "ema": {"decay": 0.9},
