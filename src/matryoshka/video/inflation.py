@@ -95,12 +95,23 @@ def inflate_image_model(
     module docstring. The image model is not modified."""
     image = _load_image_model(image_model)
     video_config.validate()
-    depth = _check_compatible(image.config, video_config)
+    _check_compatible(image.config, video_config)
     video = NestedUNet(video_config)
+    load_image_weights(video, image)
+    parameter = next(image.parameters(), None)
+    if parameter is not None:
+        video = video.to(device=parameter.device)
+    return video.train(image.training)
+
+
+def load_image_weights(video: NestedUNet, image: NestedUNet) -> None:
+    """Copy an image model's weights into the innermost levels of an existing video model, in place
+    (the video model's temporal layers and extra outer levels keep their values). ValueError if they
+    do not fit (the message names what differs)."""
+    depth = _check_compatible(image.config, video.config)
     target = video
     for _ in range(depth):
         target = target.inner_unet
-    parameter = next(image.parameters(), None)
     state = {k: v.detach().clone() for k, v in image.state_dict().items()}
     missing, unexpected = target.load_state_dict(state, strict=False)
     not_temporal = [k for k in missing if TEMPORAL_PARAMETER_MARK not in k]
@@ -110,9 +121,6 @@ def inflate_image_model(
             f"missing {not_temporal[:5]}{'...' if len(not_temporal) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    if parameter is not None:
-        video = video.to(device=parameter.device)
-    return video.train(image.training)
 
 
 def temporal_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
