@@ -19,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in DIR")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop at global step N")
     parser.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU threads for torch (default: torch's choice; 1 is often fastest for tiny models on a busy CPU)",
+    )
+    parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set optim.lr=1e-4 --set stages.0.steps=200 (values are YAML)",
     )
@@ -27,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from matryoshka.data import DataFaultError
     from matryoshka.training import load_train_config, train
+    from matryoshka.training.checkpoint import CheckpointWriteError
+    from matryoshka.training.loop import NonFiniteLossError
     from matryoshka.typed_config import ConfigError
 
     config_path = args.config
@@ -41,13 +47,20 @@ def run(args: argparse.Namespace) -> int:
     if args.max_steps is not None and args.max_steps < 0:
         print("matryoshka train: --max-steps must be >= 0", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print("matryoshka train: --threads must be >= 1", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         config = load_train_config(config_path, args.overrides)
         result = train(config, args.out, resume=args.resume, max_steps=args.max_steps)
     except ConfigError as err:
         print(f"matryoshka train: invalid config {config_path}: {err}", file=sys.stderr)
         return 2
-    except DataFaultError as err:
+    except (DataFaultError, NonFiniteLossError, CheckpointWriteError) as err:
         print(f"matryoshka train: stopped: {err}", file=sys.stderr)
         return 1
     if result.model_dir is not None:
