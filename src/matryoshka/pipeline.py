@@ -26,10 +26,11 @@ from PIL import Image
 
 from matryoshka import sampling, solvers
 from matryoshka.conditioning import TextEmbedding, TextEncoder, load_text_encoder, pad_embeddings
-from matryoshka.data import tensor_to_pil
+from matryoshka.data import make_grid, tensor_to_pil
 from matryoshka.diffusion import PyramidSchedule
 from matryoshka.model_dir import MDMConfig, load_model_dir, save_model_dir
 from matryoshka.models import NestedUNet
+from matryoshka.pyramid import level_shapes
 from matryoshka.schedule import spaced_timesteps
 
 ClassLabel = int | str
@@ -96,7 +97,10 @@ register_sampler("heun", solvers.sampler("heun"))
 class PipelineOutput:
     """images: the top level, one PIL image per sample (prompt-major: all images of prompt 0 first).
     levels: when asked for, every level's images, highest resolution first (levels[r][i]).
-    tensors: every level as a (B, C, S_r, S_r) float tensor in [-1, 1] on the CPU, highest first."""
+    tensors: every level as a (B, C, S_r, S_r) float tensor in [-1, 1] on the CPU, highest first.
+
+    Video models: tensors are clips (B, C, T_r, S_r, S_r) and each PIL image shows a clip's frames side
+    by side; write clips with matryoshka.video.save_video(output.tensors[0][i], "clip.gif" or ".mp4")."""
 
     images: list[Image.Image]
     levels: list[list[Image.Image]] | None
@@ -125,11 +129,6 @@ class MatryoshkaPipeline:
         self.config = config
         self.schedule = PyramidSchedule.from_config(config.diffusion, config.model.scales)
         self.text_encoder: TextEncoder | None = None
-        if config.model.num_frames:
-            raise ValueError(
-                f"this is a video model (model.num_frames = {config.model.num_frames}); "
-                "MatryoshkaPipeline generates images only"
-            )
         if isinstance(text_encoder, str):
             config.text_encoder = text_encoder
             text_encoder = None
@@ -315,8 +314,7 @@ class MatryoshkaPipeline:
 
         generator = self._generator(generator)
         noise = [
-            torch.randn((batch, model_config.in_channels, size, size), generator=generator, device=self.device)
-            for size in model_config.sizes
+            torch.randn((batch, *shape), generator=generator, device=self.device) for shape in self.level_shapes()
         ]
         timesteps = spaced_timesteps(self.schedule.num_train_steps, num_inference_steps)
         result = sample_fn(
@@ -332,9 +330,21 @@ class MatryoshkaPipeline:
             progress=progress,
         )
         tensors = [level.float().cpu() for level in result]
-        images = [tensor_to_pil(image) for image in tensors[0]]
-        levels = [[tensor_to_pil(image) for image in level] for level in tensors] if output_levels else None
+        images = [_to_pil(sample) for sample in tensors[0]]
+        levels = [[_to_pil(sample) for sample in level] for level in tensors] if output_levels else None
         return PipelineOutput(images=images, levels=levels, tensors=tensors)
+
+    @property
+    def is_video(self) -> bool:
+        return self.config.model.num_frames > 0
+
+    def level_shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample shape of every level, highest first: (C, S_r, S_r), or (C, T_r, S_r, S_r) for video."""
+        model = self.config.model
+        if model.num_frames:
+            top = (model.in_channels, model.num_frames, model.image_size, model.image_size)
+            return level_shapes(top, model.scales, model.time_scales)
+        return level_shapes((model.in_channels, model.image_size, model.image_size), model.scales)
 
     def _check_guidance(self, guidance_scale: float | Sequence[float]) -> float | list[float]:
         if isinstance(guidance_scale, int | float):
@@ -405,3 +415,9 @@ class MatryoshkaPipeline:
             )
         return generator
 
+
+def _to_pil(sample: torch.Tensor) -> Image.Image:
+    """An image (C, H, W), or a clip (C, T, H, W) as its frames side by side."""
+    if sample.ndim == 4:
+        return make_grid(sample.transpose(0, 1), nrow=sample.shape[1], padding=0)
+    return tensor_to_pil(sample)

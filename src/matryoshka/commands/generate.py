@@ -47,7 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-levels", action="store_true", help="also write FILE.level{i}.png for every level")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--out", type=Path, required=True, help="output image file (.png)")
+    parser.add_argument("--fps", type=float, default=8.0, help="video models: frames per second (default 8)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output file: an image (.png), or for video models .gif or .mp4"
+    )
 
 
 def _guidance(text: str) -> float | list[float]:
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         if class_label is not None and class_label.strip().isdigit():
             class_label = int(class_label)
         pipe = _load_pipeline(args)
+        _check_out(args.out, pipe.is_video)
         seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         started = time.perf_counter()
         output = pipe(
@@ -118,6 +122,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if pipe.is_video:
+        written = _write_videos(output.tensors, args)
+        print(
+            f"seed {seed}: {len(output.images)} video(s), {args.steps} {args.sampler} steps in {elapsed:.1f} s -> "
+            + ", ".join(str(p) for p in written)
+        )
+        return 0
     nrow = max(1, int(len(output.images) ** 0.5 + 0.999))
     written = []
     top = output.images[0] if len(output.images) == 1 else make_grid(output.tensors[0], nrow=nrow)
@@ -135,3 +146,22 @@ def run(args: argparse.Namespace) -> int:
     )
     return 0
 
+
+def _check_out(out: Path, is_video: bool) -> None:
+    from matryoshka.video.io import VIDEO_FORMATS
+
+    if is_video and out.suffix.lower() not in VIDEO_FORMATS:
+        raise ValueError(f"this is a video model: --out must end in {' or '.join(VIDEO_FORMATS)}, got {out}")
+    if not is_video and out.suffix.lower() in VIDEO_FORMATS:
+        raise ValueError(f"this is an image model: --out {out} asks for a video; use .png")
+
+
+def _write_videos(tensors: list, args: argparse.Namespace) -> list[Path]:
+    """The top level to --out (several samples tiled into one clip); every level with --all-levels."""
+    from matryoshka.video import save_video, save_video_levels, tile_videos
+
+    top = tensors[0]
+    written = [save_video(top[0] if len(top) == 1 else tile_videos(top), args.out, fps=args.fps)]
+    if args.all_levels:
+        written += save_video_levels(tensors, args.out, fps=args.fps)
+    return written
