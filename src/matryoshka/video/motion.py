@@ -19,15 +19,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from .moving_fashion_mnist import DIRECTIONS
 
+STILL = len(DIRECTIONS)  # the classifier's extra class: no motion
+MOTION_CLASSES: tuple[str, ...] = (*DIRECTIONS, "still")
 _WEIGHTS = "motion_classifier.safetensors"
 _CONFIG = "motion_classifier.json"
 
 
 class MotionClassifier(nn.Module):
-    """(N, C, T, H, W) -> logits (N, 4) over DIRECTIONS; a 3D CNN with global pooling.
+    """(N, C, T, H, W) -> logits (N, 5) over MOTION_CLASSES (the 4 DIRECTIONS, then "still"); a 3D CNN
+    with global pooling.
 
     Global pooling over space and time makes it blind to where the item is and sensitive to how it
-    moves; the input also gets the frame differences as extra channels, which carry the motion.
+    moves; the input also gets the frame differences as extra channels, which carry the motion. The
+    "still" class keeps a clip without motion from being counted as some direction by default.
     """
 
     def __init__(self, in_channels: int = 1, width: int = 16) -> None:
@@ -43,7 +47,7 @@ class MotionClassifier(nn.Module):
             block(width, 2 * width), nn.AvgPool3d((1, 2, 2)),
             block(2 * width, 4 * width),
         )
-        self.head = nn.Linear(4 * width, len(DIRECTIONS))
+        self.head = nn.Linear(4 * width, len(MOTION_CLASSES))
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         if clips.ndim != 5 or clips.shape[1] != self.in_channels or clips.shape[2] < 2:
@@ -63,13 +67,15 @@ def train_motion_classifier(
     in_channels: int = 1,
     width: int = 16,
     noise_std: float = 0.1,
+    still_fraction: float = 0.2,
     seed: int = 0,
     progress: bool = False,
 ) -> MotionClassifier:
     """Train on a dataset yielding {"video", "direction"} (e.g. MovingFashionMNIST) for `steps` batches.
 
-    Gaussian noise of `noise_std` on the inputs keeps it from relying on perfectly clean pixels, which
-    generated clips never have.
+    A `still_fraction` of every batch is turned into still clips (one frame of the clip repeated, label
+    STILL). Gaussian noise of `noise_std` on the inputs keeps it from relying on perfectly clean pixels,
+    which generated clips never have.
     """
     torch.manual_seed(seed)
     model = MotionClassifier(in_channels, width)
@@ -81,8 +87,14 @@ def train_motion_classifier(
     model.train()
     while step < steps:
         for batch in loader:
-            clips = batch["video"] + noise_std * torch.randn(batch["video"].shape, generator=generator)
-            loss = F.cross_entropy(model(clips), batch["direction"])
+            clips, labels = batch["video"].clone(), batch["direction"].clone()
+            still = torch.rand(len(clips), generator=generator) < still_fraction
+            frame = torch.randint(0, clips.shape[2], (len(clips),), generator=generator)
+            for i in still.nonzero().flatten().tolist():
+                clips[i] = clips[i, :, frame[i] : frame[i] + 1].expand_as(clips[i])
+            labels[still] = STILL
+            clips = clips + noise_std * torch.randn(clips.shape, generator=generator)
+            loss = F.cross_entropy(model(clips), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -97,7 +109,7 @@ def train_motion_classifier(
 
 @torch.no_grad()
 def predict_directions(model: MotionClassifier, clips: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """(N, C, T, H, W) -> predicted direction indices (N,)."""
+    """(N, C, T, H, W) -> predicted classes (N,): a direction index, or STILL."""
     model.eval()
     out = [model(clips[i : i + batch_size]).argmax(dim=1) for i in range(0, len(clips), batch_size)]
     return torch.cat(out)

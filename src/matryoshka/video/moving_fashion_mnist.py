@@ -236,9 +236,7 @@ class MovingFashionMNIST(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         info = self.clip_info(index)
         index %= len(self)
-        frames = render_clip(
-            self._item(info["item"]), self.image_size, self.num_frames, info["direction"], self.speed, info["start"]
-        )
+        frames = self.clip(index)
         video = uint8_to_tensor(frames.transpose(1, 2, 0)).unsqueeze(0)  # (1, T, S, S)
         if self.channels == 3:
             video = video.expand(3, -1, -1, -1).contiguous()
