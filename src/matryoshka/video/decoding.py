@@ -17,8 +17,9 @@ import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-import av
 import torch
 
 from matryoshka.data import SampleFault, convert_channels, pil_to_tensor, resize_center_crop
@@ -51,11 +52,23 @@ def frame_indices(
     return [start + i * stride for i in range(num_frames)]
 
 
-def _open(source: VideoSource) -> av.container.InputContainer:
+def require_av() -> ModuleType:
+    """PyAV, imported on first use so that the rest of matryoshka.video works without it."""
+    try:
+        import av
+    except ImportError as error:
+        raise ImportError(
+            "reading and writing video files needs PyAV: pip install 'matryoshka-diffusion[video]' (or: pip install av)"
+        ) from error
+    return av
+
+
+def _open(source: VideoSource) -> Any:
+    av = require_av()
     return av.open(io.BytesIO(source) if isinstance(source, bytes) else os.fspath(source), mode="r")
 
 
-def _video_frames(container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
+def _video_frames(container: Any) -> Iterator[Any]:
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
     yield from container.decode(stream)
@@ -90,6 +103,7 @@ def decode_clip(
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
+    av = require_av()
     try:
         total = count_frames(source)
         try:
@@ -122,6 +136,7 @@ def decode_clip(
 
 def read_video(source: VideoSource, channels: int = 3) -> torch.Tensor:
     """Every frame at its own size: float tensor (channels, T, H, W) in [-1, 1] (for tests and tools)."""
+    av = require_av()
     try:
         with _open(source) as container:
             if not container.streams.video:

@@ -10,12 +10,13 @@ import os
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from PIL import Image
 
 from matryoshka.data import tensor_to_uint8
+
+from .decoding import require_av
 
 VIDEO_FORMATS: tuple[str, ...] = (".gif", ".mp4")
 # Tried in order; the first this PyAV build can encode wins (libx264 is missing from some builds).
@@ -41,6 +42,7 @@ def video_to_frames(video: torch.Tensor, upscale: int = 1) -> list[Image.Image]:
 
 def mp4_codec() -> str:
     """The MP4 video encoder this PyAV build has (libx264 preferred, else mpeg4)."""
+    av = require_av()
     for name in MP4_CODECS:
         try:
             av.codec.Codec(name, "w")
@@ -64,6 +66,7 @@ def _write_gif(frames: list[Image.Image], path: Path, fps: float) -> None:
 
 
 def _write_mp4(frames: list[Image.Image], path: Path, fps: float, codec: str | None) -> None:
+    av = require_av()
     codec = codec or mp4_codec()
     rgb = [np.asarray(f.convert("RGB")) for f in frames]
     height, width = rgb[0].shape[:2]
