@@ -17,6 +17,7 @@ by the time its stages take at the measured rates (the cheap early stages raise 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -107,7 +108,8 @@ def arms_for(preset: str, steps: int, log_every: int, batch_size: int | None) ->
 
 def measure(arm: Arm, steps: int, scratch: Path) -> float:
     out = scratch / f"{arm.name.replace(' ', '_').replace('(', '').replace(')', '')}-{len(list(scratch.iterdir()))}"
-    train(arm.config, out, max_steps=steps)
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's progress messages are not the table
+        train(arm.config, out, max_steps=steps)
     windows = [r["images_per_s"] for r in read_metrics(out)][1:]  # the first window includes warm-up
     return statistics.median(windows)
 
@@ -138,19 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(f"batch {arms[0].config.data.batch_size}, {args.steps} steps per measurement, median of {args.repeats}\n")
     header = ("configuration", "levels (px)", "params", "images/s", "vs single-level")
-    print(f"| {header[0]:<40} | {header[1]:<12} | {header[2]:>7} | {header[3]:>8} | {header[4]:>15} |")
-    print(f"|{'-' * 42}|{'-' * 14}|{'-' * 9}|{'-' * 10}|{'-' * 17}|")
+    print(f"| {header[0]:<44} | {header[1]:<12} | {header[2]:>7} | {header[3]:>8} | {header[4]:>15} |")
+    print(f"|{'-' * 46}|{'-' * 14}|{'-' * 9}|{'-' * 10}|{'-' * 17}|")
     for preset in args.presets:
         group = [arm for arm in arms if preset in arm.name]
         baseline = median[group[-1].name]
         for arm in group:
             rate = median[arm.name]
-            print(f"| {arm.name:<40} | {str(arm.levels):<12} | {arm.parameters / 1e6:6.2f}M | {rate:8.1f} | "
+            print(f"| {arm.name:<44} | {str(arm.levels):<12} | {arm.parameters / 1e6:6.2f}M | {rate:8.1f} | "
                   f"{rate / baseline:14.2f}x |")
         stages = [arm for arm in group if arm.schedule_steps]
         images = sum(arm.schedule_steps for arm in stages)  # x batch on both sides of the ratio
         seconds = sum(arm.schedule_steps / median[arm.name] for arm in stages)
-        print(f"| {preset + ' whole schedule':<40} | {'':<12} | {'':>7} | {images / seconds:8.1f} | "
+        print(f"| {preset + ' whole schedule':<44} | {'':<12} | {'':>7} | {images / seconds:8.1f} | "
               f"{images / seconds / baseline:14.2f}x |")
     return 0
 

@@ -63,8 +63,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path):
     latest = find_latest(killed / "checkpoints")
     assert latest is not None and 2 <= step_of(latest) < target
 
-    resumed = subprocess.Popen(
-        cli(str(config), "--out", str(killed), "--resume", "--max-steps", str(target)), env=ENV,
+    resumed = subprocess.Popen(  # no CONFIG: --resume reads the run's own DIR/config.yaml
+        cli("--out", str(killed), "--resume", "--max-steps", str(target)), env=ENV,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     # Meanwhile the uninterrupted reference, in this process (the trajectory does not depend on

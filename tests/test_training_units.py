@@ -127,6 +127,26 @@ def test_init_inner_from_a_model_directory(tmp_path: Path):
         assert torch.equal(ema_model.inner_unet.state_dict()[name], value)
 
 
+def test_init_inner_from_an_official_checkpoint():
+    """An ml-mdm checkpoint file (the shared conformance fixture) starts a stage, converted by load_official."""
+    from matryoshka.interop import load_official
+    from matryoshka.training import TrainConfig
+    from matryoshka.training.testing import tiny_config_dict
+    from matryoshka.typed_config import from_dict, to_dict
+
+    shared = Path(__file__).resolve().parents[1].parent / "shared"
+    path = shared / "fixtures" / "ml-mdm" / "nested_tiny" / "vis_model.pth"
+    if not path.is_file():
+        pytest.skip(f"no ml-mdm fixture at {path} (it lives beside the repository, in the project's shared folder)")
+    official, model_config, diffusion = load_official(path)
+    raw = tiny_config_dict()
+    raw["mdm"] = {"model": to_dict(model_config), "diffusion": to_dict(diffusion)}
+    raw["stages"] = [{"levels": model_config.num_levels, "steps": 1, "init_inner_from": str(path)}]
+    model, ema_model = initial_models(from_dict(TrainConfig, raw), 0, None)
+    for name, value in official.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value) and torch.equal(ema_model.state_dict()[name], value)
+
+
 # ------------------------------------------------------------------------------------------------ EMA
 def test_ema_warms_up_then_averages():
     live = torch.nn.Linear(3, 2)
