@@ -10,7 +10,9 @@ Layout of one checkpoint, `DIR/checkpoints/step-0001000/`:
 A checkpoint is written into a hidden temporary directory, every file and the directory are fsynced,
 and only then is it renamed to its final name; the `latest` pointer file is replaced atomically
 last. A run killed at any moment therefore leaves either a complete checkpoint or a temporary
-directory that `find_latest` ignores. Nothing here unpickles: loading never executes code.
+directory that `find_latest` ignores. A write that fails (disk full, ...) removes its temporary
+directory and raises `CheckpointWriteError`, leaving the previous checkpoints and `latest` as they were.
+Nothing here unpickles: loading never executes code.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ LATEST = "latest"
 STATE_FILE = "state.json"
 _NAME = re.compile(r"^step-(\d{7,})$")
 _TEMP_PREFIX = ".tmp-"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions, ...); the earlier ones are intact."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -116,9 +122,28 @@ def write_checkpoint(
     Returns the final directory. Older checkpoints beyond `keep_last` are deleted afterwards.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
     temporary = root / f"{_TEMP_PREFIX}{name}-{os.getpid()}"
+    try:
+        final = _write_and_publish(root, name, temporary, tensors, {**state, "step": step})
+    except OSError as err:
+        shutil.rmtree(temporary, ignore_errors=True)  # a half-written directory only wastes space
+        kept = find_latest(root)
+        raise CheckpointWriteError(
+            err.errno,
+            f"could not write checkpoint {name} in {root}: {err.strerror or err}; "
+            + (f"the last complete checkpoint is still {kept.name}" if kept else "there is no earlier checkpoint")
+            + " (fix the cause, e.g. free some space, then continue with --resume)",
+        ) from err
+    prune(root, keep_last)
+    return final
+
+
+def _write_and_publish(
+    root: Path, name: str, temporary: Path, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]
+) -> Path:
+    """Write everything into `temporary`, then rename it to `root/name` and point `latest` at it."""
+    root.mkdir(parents=True, exist_ok=True)
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir()
@@ -128,7 +153,7 @@ def write_checkpoint(
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(path))
         _fsync_path(path)
         files.append(path.name)
-    state = {**state, "step": step, "files": files}
+    state = {**state, "files": files}
     with open(temporary / STATE_FILE, "w", encoding="utf-8") as handle:
         json.dump(state, handle, indent=1)
         handle.flush()
@@ -139,14 +164,17 @@ def write_checkpoint(
     if final.exists():  # the same step written again (a resumed run): swap it out, never half-replace
         old = root / f"{_TEMP_PREFIX}old-{name}-{os.getpid()}"
         os.rename(final, old)
-        os.rename(temporary, final)
+        try:
+            os.rename(temporary, final)
+        except OSError:
+            os.rename(old, final)  # put the earlier copy back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(temporary, final)
     _fsync_path(root)
     atomic_write_text(root / LATEST, name + "\n")
     _fsync_path(root)
-    prune(root, keep_last)
     return final
 
 
@@ -156,7 +184,11 @@ def prune(root: str | Path, keep_last: int) -> None:
     latest = find_latest(root)
     for path in list_checkpoints(root)[:-keep_last]:
         if latest is None or path.resolve() != latest.resolve():
-            shutil.rmtree(path, ignore_errors=True)
+            # Renamed first, so that a run killed while deleting leaves a temporary (removed by the next
+            # run), never a half-deleted directory under a checkpoint's name.
+            doomed = root / f"{_TEMP_PREFIX}pruned-{path.name}-{os.getpid()}"
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
@@ -246,6 +278,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 __all__ = [
     "LATEST",
+    "CheckpointWriteError",
     "capture_rng_state",
     "checkpoint_name",
     "find_latest",

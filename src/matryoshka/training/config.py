@@ -89,6 +89,8 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warm-up at the start of every stage (each stage has a fresh optimizer)
     min_lr_ratio: float = 0.0  # cosine: the final learning rate as a fraction of lr
     grad_clip: float | None = 1.0  # maximum global gradient norm; null = no clipping
+    # A step whose loss or gradients are NaN/inf is skipped (no update); this many in a row stop the run.
+    max_nonfinite_steps: int = 10
     grad_accum: int = 1  # micro-steps per optimizer step
     # "auto": fused AdamW on CUDA, foreach elsewhere.
     implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
@@ -106,6 +108,7 @@ class OptimConfig:
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be positive (or null: no clipping)")
         require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        require(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
 
 
 @dataclass

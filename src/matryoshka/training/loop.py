@@ -52,6 +52,10 @@ from matryoshka.training.stages import initial_models, stage_mdm_config
 from matryoshka.typed_config import ConfigError, save_yaml, to_dict
 
 
+class NonFiniteLossError(RuntimeError):
+    """optim.max_nonfinite_steps steps in a row had a NaN/inf loss or gradient (none of them was applied)."""
+
+
 @dataclass
 class TrainResult:
     step: int  # the global step the run stopped at
@@ -137,16 +141,18 @@ def train(
         result = TrainResult(step, first_stage, None, start)
         previous: tuple[dict, dict, int] | None = None  # (weights, EMA weights, levels) of the last stage
         for stage_index in range(first_stage, len(config.stages)):
-            if step >= last_step:
-                break
             stage = config.stages[stage_index]
             stage_start, stage_end = bounds[stage_index], bounds[stage_index + 1]
             mdm = stage_mdm_config(config, stage_index)
             resuming = saved is not None and start is not None and stage_index == saved["stage"]
-            if resuming and step >= stage_end:  # the checkpoint closed this stage: nest it into the next
+            if resuming and step >= min(stage_end, last_step):  # the checkpoint closed this stage (or the run)
                 previous = (read_tensors(start, "model"), read_tensors(start, "ema"), stage.levels)
+                # Its export came after it, so a run killed in between left that unfinished: export again.
+                result.model_dir = export_weights(out_dir, stage_index, step, previous[1], mdm, runtime)
                 start = None
                 continue
+            if step >= last_step:
+                break
 
             # ------------------------------------------------------------ the stage's model
             if resuming:
@@ -183,6 +189,7 @@ def train(
             wrapped.train()
             window = LossWindow(len(level_names), device)
             saved_at = previewed_at = -1
+            nonfinite_in_a_row = 0
             tick = time.perf_counter()
 
             # ------------------------------------------------------------ the steps of the stage
@@ -220,14 +227,28 @@ def train(
                     wrapped.parameters(), config.optim.grad_clip or math.inf
                 )
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                if torch.isfinite(grad_norm):
+                # A NaN/inf loss makes the gradient norm non-finite too, so this one check (already a sync
+                # point) covers both: the step is skipped whole (weights, optimizer state and EMA untouched).
+                finite = bool(torch.isfinite(grad_norm))
+                if finite:
                     optimizer.step()
-                else:  # a non-finite gradient (bf16 overflow, bad sample): skip the update, keep going
+                    nonfinite_in_a_row = 0
+                else:  # bf16 overflow, a bad sample: skip the update, keep going (up to a limit)
                     window.skipped += 1
+                    nonfinite_in_a_row += 1
                 optimizer.zero_grad(set_to_none=True)
-                ema.update(model)
+                if finite:
+                    ema.update(model)
                 step += 1
-                window.grad_norm += float(grad_norm)
+                if nonfinite_in_a_row >= config.optim.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"stopped at step {step}: the loss or its gradients were NaN/inf in {nonfinite_in_a_row} "
+                        f"steps in a row (steps {step - nonfinite_in_a_row + 1}..{step}, optim.max_nonfinite_steps="
+                        f"{config.optim.max_nonfinite_steps}); none of them was applied, so the last checkpoint ("
+                        f"{result.checkpoint or 'none yet'}) holds clean weights. Check the data, lower the learning "
+                        "rate, or train in fp32."
+                    )
+                window.grad_norm += float(grad_norm) if finite else 0.0
                 window.steps += 1
 
                 if step % config.logging.every == 0 or step in (stage_end, last_step):
@@ -269,6 +290,8 @@ def train(
         if result.model_dir is None and (out_dir / "model").is_dir():
             result.model_dir = out_dir / "model"
         monitor.message(f"done at step {step}" + (f"; model in {result.model_dir}" if result.model_dir else ""))
+        if faults.report()["attempted"]:
+            monitor.message(fault_summary(faults))
         monitor.close()
         distributed.barrier(runtime)
         return result
@@ -347,7 +370,7 @@ class LossWindow:
     def summary(self, runtime: distributed.Runtime, names: list[str], seconds: float, images_per_step: int):
         means = distributed.mean_over_ranks(runtime, self.sums / max(1, self.micro_steps)).tolist()
         scalars = {"loss": means[0], **dict(zip(names, means[1:], strict=True))}
-        scalars["grad_norm"] = self.grad_norm / max(1, self.steps)
+        scalars["grad_norm"] = self.grad_norm / max(1, self.steps - self.skipped)  # over the applied steps
         scalars["images_per_s"] = images_per_step * self.steps / max(seconds, 1e-9)
         if self.skipped:
             scalars["skipped_steps"] = float(self.skipped)
@@ -361,6 +384,18 @@ def fault_scalars(faults: FaultCounter) -> dict[str, float]:
     scalars = {"data/failed": float(report["failed"]), "data/failure_ratio": float(report["failure_ratio"])}
     scalars.update({f"data/{kind}": float(n) for kind, n in report["failures"].items()})
     return scalars
+
+
+def fault_summary(faults: FaultCounter) -> str:
+    """One line for the end of a run: how many samples were skipped, by kind (this process's loader)."""
+    report = faults.report()
+    kinds = ", ".join(f"{kind}={n}" for kind, n in sorted(report["failures"].items()))
+    notes = ", ".join(f"{kind}={n}" for kind, n in sorted(report["notes"].items()))
+    return (
+        f"data: {report['failed']} of {report['attempted']} samples were bad and skipped"
+        + (f" ({kinds})" if kinds else "")
+        + (f"; kept with notes: {notes}" if notes else "")
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,6 +453,18 @@ def export_model(
     return target
 
 
+def export_weights(
+    out_dir: Path, stage_index: int, step: int, ema_weights: dict[str, torch.Tensor], mdm: MDMConfig,
+    runtime: distributed.Runtime,
+) -> Path:
+    """`export_model` from a checkpoint's full EMA weights (the network is built on rank 0 only)."""
+    ema_model = torch.nn.Module()  # other ranks only wait at the barrier
+    if runtime.is_main:
+        ema_model = NestedUNet(mdm.model)
+        ema_model.load_state_dict(ema_weights)
+    return export_model(out_dir, stage_index, step, ema_model, mdm, runtime)
+
+
 def write_preview(
     out_dir: Path, step: int, ema_model: torch.nn.Module, mdm: MDMConfig, schedule: PyramidSchedule,
     conditioner: BatchConditioner, prompts: list[str] | None, config: TrainConfig, runtime: distributed.Runtime,
@@ -473,4 +520,4 @@ def check_resumable(config: TrainConfig, saved: dict[str, Any]) -> None:
         )
 
 
-__all__ = ["TrainResult", "diffusion_loss", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "diffusion_loss", "train"]
