@@ -170,3 +170,19 @@ def test_shard_dataset_run(tmp_path: Path):
     result = train(config, tmp_path / "run")
     assert result.step == 4  # 24 samples = 3 batches of 8: the run went into a second epoch
     assert read_metrics(tmp_path / "run")[-1]["epoch"] == 1
+
+
+def test_cli_reports_data_problems_without_a_traceback(tmp_path: Path, capsys):
+    import yaml
+
+    from matryoshka.cli import main
+    from matryoshka.training.testing import tiny_config_dict
+
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump(tiny_config_dict(["data.dataset=folder", f"data.path={tmp_path / 'nope'}"])))
+    assert main(["train", str(missing), "--out", str(tmp_path / "a"), "--threads", "1"]) == 2
+    assert "nope" in capsys.readouterr().err
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(tiny_config_dict(["data.limit=4"])))  # fewer items than one batch of 8
+    assert main(["train", str(small), "--out", str(tmp_path / "b"), "--threads", "1"]) == 2
+    assert "data.batch_size" in capsys.readouterr().err

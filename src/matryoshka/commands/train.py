@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     except (DataFaultError, NonFiniteLossError, CheckpointWriteError) as err:
         print(f"matryoshka train: stopped: {err}", file=sys.stderr)
         return 1
+    except FileNotFoundError as err:  # a dataset, model directory or checkpoint that is not there
+        print(f"matryoshka train: {err}", file=sys.stderr)
+        return 2
     if result.model_dir is not None:
         print(f"model: {result.model_dir}  (try: matryoshka generate --model {result.model_dir} --out sample.png)")
     return 0

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from matryoshka.data import FashionMNIST, FaultCounter, ImageFolderDataset, ShardDataset
 from matryoshka.training.config import DataConfig
+from matryoshka.typed_config import ConfigError
 
 
 @dataclass
@@ -68,7 +69,7 @@ class LabelledFolders(Dataset):
 
         folders = sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
         if not folders:
-            raise ValueError(f"data.labels is true but {root} has no class subfolders (root/<class>/<images>)")
+            raise ConfigError("data.labels", f"is true but {root} has no class subfolders (root/<class>/<images>)")
         self.class_names = [p.name for p in folders]
         self.parts = [ImageFolderDataset(p, image_size, channels, captions, faults) for p in folders]
         self.starts = [0]
@@ -229,9 +230,10 @@ class BatchStream:
             return DataLoader(self.dataset, batch_size=global_batch // self.world_size, drop_last=True, **common)
         size = len(self.dataset)  # type: ignore[arg-type]
         if size < global_batch:
-            raise ValueError(
-                f"the dataset has {size} items, fewer than one global batch of {global_batch}: "
-                "lower data.batch_size or use more data"
+            raise ConfigError(
+                "data.batch_size",
+                f"a global batch of {global_batch} is more than the {size} items of the dataset: lower it or use "
+                "more data",
             )
         sampler = GlobalBatchSampler(
             size, global_batch, self.rank, self.world_size, self.position.epoch, self.position.offset,
@@ -241,8 +243,9 @@ class BatchStream:
 
     def next(self, global_batch: int) -> dict[str, Any]:
         if global_batch % self.world_size:
-            raise ValueError(
-                f"the global batch {global_batch} must be divisible by the number of processes {self.world_size}"
+            raise ConfigError(
+                "data.batch_size",
+                f"the global batch {global_batch} must be divisible by the number of processes {self.world_size}",
             )
         if self._iterator is None or global_batch != self._batch:
             self._batch = global_batch
