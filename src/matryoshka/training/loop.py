@@ -199,6 +199,7 @@ def train(
                 )
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                step_loss = torch.zeros((), device=device)  # only to test it for NaN/inf
                 for micro in range(config.optim.grad_accum):
                     batch = stream.next(batch_size)
                     if preview_prompts is None:
@@ -221,15 +222,18 @@ def train(
                                 time_scales=final.time_scales if images.ndim == 5 else None,
                             )
                         (loss.mean() / config.optim.grad_accum).backward()
+                    step_loss += loss.mean().detach().float()
                     samples_seen += batch_size
                     window.add(loss)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     wrapped.parameters(), config.optim.grad_clip or math.inf
                 )
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                # A NaN/inf loss makes the gradient norm non-finite too, so this one check (already a sync
-                # point) covers both: the step is skipped whole (weights, optimizer state and EMA untouched).
-                finite = bool(torch.isfinite(grad_norm))
+                # A NaN/inf loss or gradient on any rank skips the step whole (weights, optimizer state and
+                # EMA untouched). A NaN loss can come with finite gradients (a NaN term that does not depend
+                # on the weights), so both are tested; summed, in one sync (and one all-reduce under torchrun
+                # so that every rank decides alike).
+                finite = bool(torch.isfinite(distributed.mean_over_ranks(runtime, grad_norm.float() + step_loss)))
                 if finite:
                     optimizer.step()
                     nonfinite_in_a_row = 0
