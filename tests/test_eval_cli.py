@@ -23,12 +23,14 @@ from matryoshka.evaluation import ClassifierConfig, FeatureStats, SmallCNNClassi
 from matryoshka.evaluation.run import (
     EvalSettings,
     ReferenceSet,
+    Samples,
     balanced_labels,
     distribution_metrics,
     fid_from_features,
     generate_samples,
     load_reference_images,
     reference_set,
+    sample_grid,
 )
 from matryoshka.model_dir import MDMConfig, save_model_dir
 from matryoshka.models import LevelConfig, ModelConfig, NestedUNet
@@ -247,6 +249,17 @@ def test_text_model_samples_are_prompted_with_captions_naming_their_class(tmp_pa
     assert all(caption_names_class(c, int(y)) for c, y in zip(samples.captions, samples.labels, strict=True))
     again = generate_samples(pipe, EvalSettings(num_samples=12, steps=1, batch_size=5), progress=False)
     assert again.captions == samples.captions and torch.equal(again.images, samples.images)
+
+
+def test_unconditional_samples_and_grids() -> None:
+    config = MDMConfig(model=tiny_config(), diffusion=DiffusionConfig())
+    pipe = MatryoshkaPipeline(random_model(config.model), config)
+    samples = generate_samples(pipe, EvalSettings(num_samples=3, steps=1), progress=False)
+    assert samples.kind == "unconditional" and samples.labels is None and samples.images.shape == (3, 1, 32, 32)
+    assert sample_grid(samples, None).size == (3 * 34 + 2, 34 + 2)
+    # class grids: one row per class, 8 cells each, at most 16 rows however many classes there are
+    many = Samples(images=torch.zeros(40, 1, 8, 8), labels=torch.arange(40) % 20, captions=None, kind="class")
+    assert sample_grid(many, [str(i) for i in range(20)]).size == (8 * 10 + 2, 16 * 10 + 2)
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,7 @@ __all__ = [
 
 ArrayLike = np.ndarray | torch.Tensor
 FASHION_MNIST = "fashion_mnist"
+MAX_PLOTTED_CLASSES = 50  # beyond this a bar chart is unreadable: the numbers stay in report.json
 # What a report says about FID at small N (the estimator's bias grows as N shrinks).
 SMALL_N_NOTE = (
     "FID from {n} samples: the estimate is biased upward roughly in proportion to 1/N and varies with the "
@@ -378,12 +379,15 @@ def generate_samples(pipe: Any, settings: EvalSettings, progress: bool = True) -
     return Samples(images=torch.cat(batches), labels=labels, captions=captions, kind=kind)
 
 
-def sample_grid(samples: Samples, class_names: Sequence[str] | None, per_class: int = 8) -> Any:
-    """A PIL grid: one row per class (``per_class`` samples each), or the first 64 unconditional ones."""
+def sample_grid(
+    samples: Samples, class_names: Sequence[str] | None, per_class: int = 8, max_classes: int = 16
+) -> Any:
+    """A PIL grid: one row per class (``per_class`` samples each, the first ``max_classes`` classes),
+    or the first 64 samples of an unconditional model."""
     if samples.labels is None:
         return make_grid(samples.images[:64], nrow=8)
     rows = []
-    count = len(class_names) if class_names else int(samples.labels.max()) + 1
+    count = min(max_classes, len(class_names) if class_names else int(samples.labels.max()) + 1)
     for label in range(count):
         chosen = samples.images[samples.labels == label][:per_class]
         if len(chosen) < per_class:  # fewer samples than cells: pad the row with black
@@ -477,7 +481,7 @@ class Evaluator:
             if classifier[0].config.num_classes != wanted:
                 raise ValueError(
                     f"the classifier ({classifier[1]}) has {classifier[0].config.num_classes} classes but the model "
-                    f"asks for {wanted}: pass a matching classifier directory or skip the classifier"
+                    f"asks for {wanted}: pass a matching classifier (--classifier DIR) or skip it (--no-classifier)"
                 )
             if pipe.is_text_conditional:
                 class_names = class_names or list(CLASS_NAMES)
@@ -546,7 +550,7 @@ class Evaluator:
         sample_grid(samples, class_names).save(out_dir / files["samples"])
         np.save(out_dir / files["sample_features"], features.numpy())
         per_class = report["conditioning"]["per_class"]
-        if per_class:
+        if per_class and len(per_class) <= MAX_PLOTTED_CLASSES:
             files["per_class_accuracy"] = "per_class_accuracy.png"
             plot_bars(
                 per_class, out_dir / files["per_class_accuracy"], ylabel="classifier accuracy",
