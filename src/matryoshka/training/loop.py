@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from matryoshka import pyramid as pyr
-from matryoshka.data import FaultCounter
+from matryoshka.data import DataFaultError, FaultCounter
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.losses import LossOutput, multi_resolution_loss, rows_per_level
 from matryoshka.model_dir import MDMConfig, save_model_dir
@@ -201,7 +201,11 @@ def train(
                     group["lr"] = lr
                 step_loss = torch.zeros((), device=device)  # only to test it for NaN/inf
                 for micro in range(config.optim.grad_accum):
-                    batch = stream.next(batch_size)
+                    try:
+                        batch = stream.next(batch_size)
+                    except DataFaultError:  # from a DataLoader worker, its message wrapped in the worker's traceback
+                        faults.check()  # the counts are shared: the same verdict, with the plain message
+                        raise
                     if preview_prompts is None:
                         preview_prompts = batch["caption"][: max(1, config.logging.sample_count)]
                     first = samples_seen + runtime.rank * local_batch
