@@ -34,7 +34,10 @@ class MDMConfig:
     class_names: list[str] | None = None
 
     def validate(self) -> None:
-        self.diffusion.check_levels(self.model.num_levels)
+        try:
+            self.diffusion.check_levels(self.model.num_levels)
+        except ConfigError as err:  # name the field from here: diffusion.level_weights, not level_weights
+            raise ConfigError(f"diffusion.{err.path}", str(err).split(": ", 1)[1]) from None
         require(
             self.text_encoder is None or self.model.text_dim > 0,
             "text_encoder",
