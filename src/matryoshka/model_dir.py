@@ -89,11 +89,16 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
     config = load_config(directory)
     model = NestedUNet(config.model)
     weights = load_state_dict(Path(directory) / WEIGHTS_NAME)
-    result = model.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in weights.items()
+                if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or reshaped:
         raise ConfigError(
             "model",
-            f"weights in {directory} do not match config.yaml: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}",
+            f"weights in {directory} do not match config.yaml: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shapes {reshaped[:5]}",
         )
+    model.load_state_dict(weights)
     return model.to(device).eval(), config

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from matryoshka.interop import load_official
+from matryoshka.interop import OfficialConfigError, UnsafeCheckpointError, load_official
 from matryoshka.model_dir import MDMConfig, save_model_dir
 
 
@@ -21,7 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, model_config, diffusion_config = load_official(args.checkpoint, args.config, args.text_dim)
+    try:
+        model, model_config, diffusion_config = load_official(args.checkpoint, args.config, args.text_dim)
+    except (UnsafeCheckpointError, OfficialConfigError, OSError) as error:
+        print(f"matryoshka convert-mlmdm: refused {args.checkpoint}: {error}", file=sys.stderr)
+        return 1
     config = MDMConfig(
         model=model_config,
         diffusion=diffusion_config,
