@@ -284,3 +284,16 @@ def test_cli_help(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--all-levels" in text and "--negative-prompt" in text and "--official" in text
+
+
+def test_embedded_default_model_generates_without_model_argument(tmp_path):
+    """The package ships a trained Fashion-MNIST text-to-image model; `generate` uses it by default."""
+    from matryoshka.commands.generate import default_model_dir
+
+    assert (default_model_dir() / "model.safetensors").is_file(), "the embedded model is missing from the package"
+    assert (default_model_dir() / "model_card.md").is_file()
+    out = tmp_path / "sneaker.png"
+    argv = ["generate", "a pair of sneakers", "--steps", "2", "--seed", "0", "--quiet", "--out", str(out)]
+    assert cli.main(argv) == 0
+    image = Image.open(out)
+    assert image.size == (32, 32) and image.mode == "L"
