@@ -176,6 +176,11 @@ class ModelConfig:
 
     def validate(self) -> None:
         require(len(self.levels) >= 1, "levels", "needs at least one level")
+        for i, level in enumerate(self.levels):  # again here: configs built in Python skip from_dict
+            try:
+                level.validate()
+            except ConfigError as err:
+                raise ConfigError(f"levels[{i}].{err.path}", str(err).split(": ", 1)[1]) from None
         require(self.in_channels >= 1, "in_channels", "must be >= 1")
         total = math.prod(level.downsampling for level in self.levels)
         require(
