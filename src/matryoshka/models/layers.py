@@ -102,9 +102,15 @@ class Attention(nn.Module):
         )
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, L) -> (N, heads, L, C / heads); channel c belongs to head c // (C / heads)."""
+        """(N, C, L) -> (N, heads, L, C / heads); channel c belongs to head c // (C / heads).
+
+        The fused SDPA kernels (flash attention, on CPU and CUDA) need each head's channels adjacent in
+        memory; a channels-first activation has them L apart, which silently selects the slower,
+        memory-hungry math kernel (L x L scores). Channels-last activations already qualify (no copy).
+        """
         n, c, length = x.shape
-        return x.reshape(n, self.num_heads, c // self.num_heads, length).transpose(-1, -2)
+        heads = x.reshape(n, self.num_heads, c // self.num_heads, length).transpose(-1, -2)
+        return heads if heads.stride(-1) == 1 else heads.contiguous()
 
     def forward(
         self, x: torch.Tensor, cond: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None
