@@ -28,7 +28,10 @@ def _randomize(module: torch.nn.Module, std: float = 0.2, seed: int = 1) -> None
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-@pytest.mark.parametrize("layer", [TemporalAttention(C, num_heads=2), TemporalConv(C, groups=4)])
+LAYERS = [TemporalAttention(C, num_heads=2), TemporalConv(C, groups=4), TemporalConv(C, groups=4, space=3)]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
 def test_temporal_layers_keep_shape_and_start_as_identity(layer):
     x = _frames()
     out = layer(x, T)
@@ -36,7 +39,7 @@ def test_temporal_layers_keep_shape_and_start_as_identity(layer):
     assert torch.equal(out, x)  # zero-initialised outputs: exactly the identity
 
 
-@pytest.mark.parametrize("layer", [TemporalAttention(C, num_heads=2), TemporalConv(C, groups=4)])
+@pytest.mark.parametrize("layer", LAYERS)
 def test_temporal_layers_pass_single_frames_through_even_when_trained(layer):
     _randomize(layer)
     x = _frames(frames=1)
@@ -79,14 +82,18 @@ def test_temporal_attention_learns_to_mix_after_one_step():
     assert delta[1].max() == 0  # video 1 is untouched
 
 
-def test_temporal_conv_reaches_neighbouring_frames_only():
-    layer = TemporalConv(C, groups=4)
+@pytest.mark.parametrize("space", [1, 3])
+def test_temporal_conv_reaches_neighbouring_frames_only(space):
+    layer = TemporalConv(C, groups=4, space=space)
     _randomize(layer)
+    layer.norm = torch.nn.Identity()  # GroupNorm spreads a poke over its whole frame; look at the conv's reach
     x = _frames(batch=1)
     poked = x.clone()
-    poked[0] += torch.linspace(-1, 1, C)[:, None, None]
-    delta = (layer(poked, T) - layer(x, T)).abs().amax(dim=(1, 2, 3))
-    assert delta[1] > 1e-4 and delta[2] == 0 and delta[3] == 0
+    poked[0, :, 0, 0] += torch.linspace(-1, 1, C)  # frame 0, pixel (0, 0)
+    delta = (layer(poked, T) - layer(x, T)).abs()  # (T, C, H, W)
+    assert delta[1, :, 0, 0].max() > 1e-4 and delta[2:].max() == 0  # the next frame only
+    # A 3x3 space-time kernel also reaches the neighbouring pixels of the next frame; a 1x1 one does not.
+    assert (delta[1, :, 1, 1].max() > 1e-4) == (space == 3) and delta[1, :, 2, 2].max() == 0
 
 
 def test_temporal_layers_reject_rows_that_are_not_whole_videos():

@@ -41,6 +41,9 @@ class LevelConfig:
     temporal_attention_layers: list[int] | None = None
     # Video: a temporal convolution (kernel 3 over frames) after each ResNet.
     temporal_conv: bool = False
+    # Spatial kernel of those convolutions: 1 = over frames only; 3 = a 3x3x3 space-time kernel, which
+    # sees an object move by a pixel per frame directly (at 9x the cost).
+    temporal_conv_space: int = 1
 
     @property
     def time_embedding_dim(self) -> int:
@@ -99,6 +102,11 @@ class LevelConfig:
             f"time-embedding width {self.time_embedding_dim} must be a multiple of 8",
         )
         require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        require(
+            self.temporal_conv_space >= 1 and self.temporal_conv_space % 2 == 1,
+            "temporal_conv_space",
+            f"must be an odd kernel size >= 1, got {self.temporal_conv_space}",
+        )
         require(all(v > 0 for v in self.micro_conditioning.values()), "micro_conditioning", "defaults must be > 0")
 
 

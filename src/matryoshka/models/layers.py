@@ -251,23 +251,28 @@ class TemporalAttention(nn.Module):
 
 
 class TemporalConv(nn.Module):
-    """x + conv1d_k3(SiLU(GN(x))) over the frames of each pixel; the conv starts at zero (identity).
+    """x + conv3d(SiLU(GN(x))) with kernel (3 frames, space, space); the conv starts at zero (identity).
 
-    x (B * T, C, H, W) -> same shape. Frames beyond the ends count as zero (zero padding). A single
-    frame passes through unchanged (an image is not a one-frame video padded with black).
+    x (B * T, C, H, W) -> same shape. space=1 mixes each pixel over neighbouring frames only; space=3
+    also over its 3x3 neighbourhood, so one layer sees an object move by a pixel per frame. Frames and
+    pixels beyond the edges count as zero (zero padding). A single frame passes through unchanged (an
+    image is not a one-frame video padded with black).
     """
 
-    def __init__(self, channels: int, groups: int) -> None:
+    def __init__(self, channels: int, groups: int, space: int = 1) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels)
-        self.conv = zero_init(nn.Conv1d(channels, channels, 3, padding=1))
+        self.conv = zero_init(nn.Conv3d(channels, channels, (3, space, space), padding=(1, space // 2, space // 2)))
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         if num_frames == 1:
             return x
-        seq = _frames_as_sequences(F.silu(self.norm(x)), num_frames)  # (B H W, T, C)
-        y = self.conv(seq.transpose(1, 2)).transpose(1, 2)
-        return x + _sequences_as_frames(y, x)
+        n, c, h, w = x.shape
+        if n % num_frames:
+            raise ValueError(f"{n} folded rows are not a whole number of {num_frames}-frame videos")
+        y = F.silu(self.norm(x)).reshape(n // num_frames, num_frames, c, h, w).transpose(1, 2)  # (B, C, T, H, W)
+        y = self.conv(y).transpose(1, 2).reshape(n, c, h, w)
+        return x + y
 
 
 class ResNetBlock(nn.Module):
@@ -290,6 +295,7 @@ class ResNetBlock(nn.Module):
         resample: str | None = None,  # "down", "up" or None
         temporal_attention_layers: int = 0,
         temporal_conv: bool = False,
+        temporal_conv_space: int = 1,
     ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(ResNet(i, o, temb_dim, groups, dropout) for i, o in in_out)
@@ -305,7 +311,7 @@ class ResNetBlock(nn.Module):
             layers = []
             for _, o in in_out:
                 if temporal_conv:
-                    layers.append(TemporalConv(o, groups))
+                    layers.append(TemporalConv(o, groups, temporal_conv_space))
                 layers.extend(TemporalAttention(o, num_heads=num_heads) for _ in range(temporal_attention_layers))
             self.t_layers = nn.ModuleList(layers)
         width = in_out[-1][1]

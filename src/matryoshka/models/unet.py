@@ -144,6 +144,7 @@ class NestedUNet(nn.Module):
             resample=resample,
             temporal_attention_layers=level.temporal_at(i),
             temporal_conv=level.temporal_conv,
+            temporal_conv_space=level.temporal_conv_space,
         )
 
     # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ def image_counterpart(video_config: ModelConfig, num_levels: int | None = None) 
     without frames, temporal ratios or temporal layers (the stage-1 config of progressive training)."""
     config = video_config.innermost(num_levels or video_config.num_levels)
     levels = [
-        dataclasses.replace(copy.deepcopy(level), temporal_attention_layers=None, temporal_conv=False)
+        dataclasses.replace(
+            copy.deepcopy(level), temporal_attention_layers=None, temporal_conv=False, temporal_conv_space=1
+        )
         for level in config.levels
     ]
     return dataclasses.replace(config, levels=levels, num_frames=0, temporal_ratios=None)
