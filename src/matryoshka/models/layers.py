@@ -48,6 +48,23 @@ class SinusoidalEmbedding(nn.Module):
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.scaled_dot_product_attention, computed in float32 on the CPU.
+
+    q (N, heads, L, d), k and v (N, heads, S, d), mask broadcastable to (N, heads, L, S), True = attend.
+    The CPU's bf16/fp16 attention kernels are slower than its fp32 ones (the backward up to 10x at
+    small head sizes; BENCHMARKS.md, "Performance"), so under CPU autocast attention alone stays in
+    float32 (the convolutions, where bf16 pays, do not); on CUDA the low-precision kernels are the fast ones.
+    """
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class ResNet(nn.Module):
     """GN -> SiLU -> conv3x3, FiLM by the time embedding, dropout, zero-init conv3x3, 1x1 skip."""
 
@@ -119,7 +136,7 @@ class Attention(nn.Module):
         n, c, height, width = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(n, 3 * c, -1).chunk(3, dim=1)
         q = self._heads(q)
-        h = F.scaled_dot_product_attention(q, self._heads(k), self._heads(v))
+        h = attention(q, self._heads(k), self._heads(v))
         if self.cond_dim > 0 and cond is not None:
             cond = _match_rows(cond, n)
             k_cond, v_cond = self.kv_cond(self.norm_cond(cond)).transpose(1, 2).chunk(2, dim=1)
@@ -129,7 +146,7 @@ class Attention(nn.Module):
                 # A row with no token at all would give NaN; let it attend to its (zero) states instead.
                 mask = mask | ~mask.any(dim=1, keepdim=True)
                 mask = mask[:, None, None, :]
-            h = h + F.scaled_dot_product_attention(q, self._heads(k_cond), self._heads(v_cond), attn_mask=mask)
+            h = h + attention(q, self._heads(k_cond), self._heads(v_cond), mask)
         h = h.transpose(-1, -2).reshape(n, c, height, width)
         x = x + self.proj_out(h)
         if self.ffn is not None:
@@ -157,7 +174,7 @@ class TokenSelfAttention(nn.Module):
             keep = mask.bool()
             keep = keep | ~keep.any(dim=1, keepdim=True)
             attn_mask = keep[:, None, None, :]
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        h = attention(q, k, v, attn_mask)
         return x + self.proj_out(h.transpose(1, 2).reshape(b, s, d))
 
 
@@ -245,7 +262,7 @@ class TemporalAttention(nn.Module):
         b, t, c = seq.shape
         tokens = self.norm(seq) + frame_position_features(t, c, seq.device, seq.dtype)
         q, k, v = self.qkv(tokens).reshape(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v)
+        h = attention(q, k, v)
         seq = seq + self.proj_out(h.transpose(1, 2).reshape(b, t, c))
         return _sequences_as_frames(self.mlp(seq), x)
 
