@@ -50,17 +50,19 @@ class BatchConditioner:
     def __call__(self, labels: torch.Tensor, captions: list[str], drop: torch.Tensor) -> dict[str, torch.Tensor]:
         """labels (B,) long with -1 = unlabelled, captions B strings, drop (B,) bool -> model kwargs."""
         kwargs: dict[str, torch.Tensor] = {}
-        drop = drop.to(self.device)
+        # Checks and caption choices read the host copies: reading device tensors would wait for the GPU.
+        drop_host = drop.cpu()
+        drop = drop.to(self.device, non_blocking=True)
         if self.num_classes > 0:
-            labels = labels.to(self.device)
             if int(labels.max()) >= self.num_classes:
                 raise ValueError(
                     f"a batch holds label {int(labels.max())} but the model has num_classes = {self.num_classes}"
                 )
+            labels = labels.to(self.device, non_blocking=True)
             null = torch.full_like(labels, self.num_classes)
             kwargs["labels"] = torch.where(drop | (labels < 0), null, labels)
         if self.encoder is not None:
-            kept = ["" if dropped else caption for caption, dropped in zip(captions, drop.tolist(), strict=True)]
+            kept = ["" if dropped else caption for caption, dropped in zip(captions, drop_host.tolist(), strict=True)]
             kwargs["text_states"], kwargs["text_mask"] = self.encode_text(kept)
         return kwargs
 

@@ -98,6 +98,10 @@ class OptimConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = False
     gradient_checkpointing: bool = False  # recompute the outer bands' activations in the backward pass
+    # torch.compile the network's training forward (and so its backward): fuses the element-wise work
+    # between convolutions. The first step of every stage compiles (minutes on a small CPU; cached on
+    # disk, so a rerun of the same model compiles in seconds). Previews and exports stay eager.
+    compile: bool = False
 
     def validate(self) -> None:
         require(self.lr > 0, "lr", "must be positive")

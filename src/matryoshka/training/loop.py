@@ -165,6 +165,8 @@ def train(
             model.to(device, memory_format=memory_format)
             ema_model.to(device, memory_format=memory_format)
             wrapped = distributed.wrap(model, config.distributed, runtime)
+            # The compiled module shares `wrapped`'s weights; clipping, the optimizer and checkpoints use `wrapped`.
+            forward = torch.compile(wrapped) if config.optim.compile else wrapped
             if sharded:
                 distributed.shard(ema_model)
             ema = EMA(ema_model, config.ema.decay, config.ema.warmup)
@@ -221,7 +223,7 @@ def train(
                     with distributed.gradient_sync(wrapped, micro == config.optim.grad_accum - 1):
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                             loss = diffusion_loss(
-                                wrapped, images.to(device, non_blocking=True), final.scales, draws.t,
+                                forward, images.to(device, non_blocking=True), final.scales, draws.t,
                                 draws.noise, conditioning, schedule, mdm.diffusion, config.optim.channels_last,
                                 time_scales=final.time_scales if images.ndim == 5 else None,
                             )
@@ -256,7 +258,8 @@ def train(
                         f"{result.checkpoint or 'none yet'}) holds clean weights. Check the data, lower the learning "
                         "rate, or train in fp32."
                     )
-                window.grad_norm += float(grad_norm) if finite else 0.0
+                if finite:  # summed on the device: reading it now would wait for the optimizer step
+                    window.grad_norm += grad_norm.detach().float()
                 window.steps += 1
 
                 if step % config.logging.every == 0 or step in (stage_end, last_step):
@@ -293,7 +296,7 @@ def train(
                 write_preview(out_dir, step, ema_model, mdm, schedule, conditioner, preview_prompts, config,
                               runtime, sharded, use_bf16)
             previous = (distributed.full_state_dict(wrapped), distributed.full_state_dict(ema_model), stage.levels)
-            del wrapped, optimizer
+            del wrapped, forward, optimizer
 
         if result.model_dir is None and (out_dir / "model").is_dir():
             result.model_dir = out_dir / "model"
@@ -367,7 +370,7 @@ class LossWindow:
         self.sums = torch.zeros(num_levels + 1, device=device)
         self.micro_steps = 0
         self.steps = 0
-        self.grad_norm = 0.0
+        self.grad_norm = torch.zeros((), device=device)
         self.skipped = 0
 
     def add(self, loss: LossOutput) -> None:
@@ -378,7 +381,7 @@ class LossWindow:
     def summary(self, runtime: distributed.Runtime, names: list[str], seconds: float, images_per_step: int):
         means = distributed.mean_over_ranks(runtime, self.sums / max(1, self.micro_steps)).tolist()
         scalars = {"loss": means[0], **dict(zip(names, means[1:], strict=True))}
-        scalars["grad_norm"] = self.grad_norm / max(1, self.steps - self.skipped)  # over the applied steps
+        scalars["grad_norm"] = float(self.grad_norm) / max(1, self.steps - self.skipped)  # over the applied steps
         scalars["images_per_s"] = images_per_step * self.steps / max(seconds, 1e-9)
         if self.skipped:
             scalars["skipped_steps"] = float(self.skipped)

@@ -22,7 +22,7 @@ def sample_seed(run_seed: int, sample_index: int) -> int:
 @dataclass
 class Draws:
     t: torch.Tensor  # (B,) int64 training times in [0, T)
-    drop: torch.Tensor  # (B,) bool: replace this sample's conditioning by the null one
+    drop: torch.Tensor  # (B,) bool on the CPU: replace this sample's conditioning by the null one
     noise: list[torch.Tensor]  # one (B, *shape_r) standard normal tensor per level
 
 
@@ -49,9 +49,10 @@ def draw(
             on_device.manual_seed(seed)
         for level, shape in enumerate(level_shapes):
             noise[level].append(torch.randn(shape, generator=on_device, device=device, dtype=dtype))
+    # drop stays on the host (the conditioner reads it there); t goes over without waiting for the device.
     return Draws(
-        t=torch.cat(times).to(device),
-        drop=(torch.cat(coins) < drop_probability).to(device),
+        t=torch.cat(times).to(device, non_blocking=True),
+        drop=torch.cat(coins) < drop_probability,
         noise=[torch.stack(level) for level in noise],
     )
 
