@@ -92,7 +92,7 @@ class OptimConfig:
     # A step whose loss or gradients are NaN/inf is skipped (no update); this many in a row stop the run.
     max_nonfinite_steps: int = 10
     grad_accum: int = 1  # micro-steps per optimizer step
-    # "auto": fused AdamW on CUDA, foreach elsewhere.
+    # "auto": fused AdamW on CUDA and CPU, foreach elsewhere and for sharded (FSDP) models.
     implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
     # "auto": bf16 autocast on CUDA devices that support it, fp32 elsewhere; "bf16" also works on CPU.
     precision: Literal["auto", "fp32", "bf16"] = "auto"

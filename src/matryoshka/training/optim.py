@@ -13,10 +13,11 @@ from matryoshka.training.config import OptimConfig
 def make_optimizer(
     parameters: Iterable[torch.nn.Parameter], config: OptimConfig, lr: float, device: torch.device, sharded: bool
 ) -> torch.optim.AdamW:
-    """AdamW with the fused kernel on CUDA and the foreach one elsewhere (sharded: foreach)."""
+    """AdamW with the fused kernel on CUDA and CPU (the CPU one is ~3x faster than foreach, which on the
+    CPU loops over the tensors) and the foreach one elsewhere and for sharded models."""
     choice = config.implementation
     if choice == "auto":
-        choice = "fused" if device.type == "cuda" and not sharded else "foreach"
+        choice = "fused" if device.type in ("cuda", "cpu") and not sharded else "foreach"
     options = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[choice]
     return torch.optim.AdamW(
         parameters, lr=lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay, **options
