@@ -178,13 +178,16 @@ def real_data_row(evaluator: Evaluator, num: int, seed: int) -> dict:
     return {"arm": "real", "label": f"{num} real train images", **metrics, "kid": kid["mean"], "kid_std": kid["std"]}
 
 
-def run_arm(arm: str, args: argparse.Namespace, evaluator: Evaluator, overrides: list[str]) -> list[dict]:
+def run_arm(
+    arm: str, args: argparse.Namespace, evaluator: Evaluator, overrides: list[str], fractions: list[float]
+) -> list[dict]:
+    """Train `arm` up to each fraction of its FLOP budget in turn and evaluate it there."""
     config = load_train_config(config_path(arm), overrides)
     budget = Budget(config, [training_step_flops(config, i) for i in range(len(config.stages))])
     params = sum(p.numel() for p in NestedUNet(config.mdm.model).parameters())
     run_dir = args.runs / arm
     rows: list[dict] = []
-    for fraction in args.fractions:
+    for fraction in fractions:
         step = budget.step_at_fraction(fraction)
         row = {
             "arm": arm, "label": ARMS[arm], "fraction": fraction, "step": step, "parameters": params,
@@ -281,6 +284,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     figure.savefig(path)
 
 
+def write_results(args: argparse.Namespace, rows: list[dict], elapsed: float) -> str:
+    """RUNS/results.json and RUNS/table.md (rewritten after every evaluation point); returns the table."""
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    write_json_report({"settings": settings, "rows": rows, "wall_s": elapsed}, args.runs / "results.json")
+    table = markdown_table(sorted(rows, key=lambda r: (r["arm"] != "real", r["arm"], r.get("step") or 0)))
+    (args.runs / "table.md").write_text(table)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -313,26 +325,31 @@ def main() -> None:
     evaluator = Evaluator(settings, classifier_dir=args.classifier, progress=False)
     started = time.perf_counter()
     rows: list[dict] = []
-    if not args.no_real_baseline:
-        rows.append(real_data_row(evaluator, args.num_samples, args.seed))
-        print(f"real train images: FID {rows[-1]['fid']:.2f}  KID {rows[-1]['kid']:.4f}", flush=True)
-    for arm in args.arms:
-        overrides: list[str] = []
-        if args.quick:  # 1/100 of every stage's steps (at least 2)
-            config = load_train_config(config_path(arm))
-            overrides = [f"stages.{i}.steps={max(2, s.steps // 100)}" for i, s in enumerate(config.stages)]
-        rows.extend(run_arm(arm, args, evaluator, overrides))
-    elapsed = time.perf_counter() - started
-
     args.runs.mkdir(parents=True, exist_ok=True)
-    summary = {"settings": vars(args) | {"runs": str(args.runs), "plot": str(args.plot)}, "rows": rows,
-               "wall_s": elapsed}
-    summary["settings"]["classifier"] = str(args.classifier) if args.classifier else None
-    write_json_report(summary, args.runs / "results.json")
-    table = markdown_table(rows)
-    (args.runs / "table.md").write_text(table)
+    overrides: dict[str, list[str]] = {arm: [] for arm in args.arms}
+    if args.quick:  # 1/100 of every stage's steps (at least 2)
+        for arm in args.arms:
+            config = load_train_config(config_path(arm))
+            overrides[arm] = [f"stages.{i}.steps={max(2, s.steps // 100)}" for i, s in enumerate(config.stages)]
+    # Breadth first: every arm reaches an evaluation point before any goes on to the next, so an
+    # interrupted run still compares all arms at equal compute (and a rerun continues where it stopped).
+    for fraction in args.fractions:
+        for arm in args.arms:
+            rows.extend(run_arm(arm, args, evaluator, overrides[arm], [fraction]))
+            write_results(args, rows, time.perf_counter() - started)
+    if not args.no_real_baseline:
+        real_path = args.runs / f"real-{args.num_samples}-seed{args.seed}.json"
+        if real_path.is_file():
+            rows.append(json.loads(real_path.read_text()))
+        else:
+            rows.append(real_data_row(evaluator, args.num_samples, args.seed))
+            write_json_report(rows[-1], real_path)
+        print(f"real train images: FID {rows[-1]['fid']:.2f}  KID {rows[-1]['kid']:.4f}", flush=True)
+    rows.sort(key=lambda r: (r["arm"] != "real", r["arm"], r.get("step") or 0))
+    elapsed = time.perf_counter() - started
+    table = write_results(args, rows, elapsed)
     print(table)
-    print(f"total wall time {elapsed / 60:.1f} min; results in {args.runs}")
+    print(f"total wall time {elapsed / 60:.1f} min (this invocation); results in {args.runs}")
     if not args.quick:
         plot(rows, args.plot, f"Fashion-MNIST 32x32, class-conditional: FID of {args.num_samples} samples "
              f"({args.steps} DDIM steps, guidance {args.guidance}) vs {args.num_reference} test images")
