@@ -7,11 +7,33 @@ AdamW, EMA) for a few logging windows each; images/s comes from the trainer's ow
 first (warm-up) window. Configurations are measured round-robin, `--repeats` times, and the median is
 reported, so that a shared machine's changing load hits all of them alike.
 
-    python benchmarks/train_throughput.py                 # ~3 minutes on 2 cores
+    python benchmarks/train_throughput.py                 # ~30 minutes on 2 busy cores (all sections)
     python benchmarks/train_throughput.py --threads 2 --steps 60 --repeats 5
 
 The "schedule" rows give the throughput of a preset's whole progressive schedule: its images divided
 by the time its stages take at the measured rates (the cheap early stages raise it).
+
+Further sections (all by default; pick with --sections):
+
+- optim: the optimised paths of one training step (the trainer's step on synthetic inputs, see
+  benchmarks/perf_common.py) of the tiny presets and the single-level UNet: eager fp32 with foreach
+  AdamW (the trainer's step before this work; the 1.00x reference) against fused AdamW, channels_last,
+  bf16 autocast and torch.compile, measured round-robin in one process. Compilation is timed apart
+  from the steady state (first call, with the inductor cache's hits and misses). Model FLOPs per step
+  (torch.utils.flop_counter) over the step time, as a share of this run's measured matmul FLOP/s.
+- trainer: the real trainer with the winning options (optim.precision, optim.compile, fused AdamW)
+  against its eager fp32 foreach path, on fashion_tiny_32x16's nested stage (images/s from its logs).
+- official: the official ml-mdm architectures with random weights (configs/t2i_256.yaml: the 64 px
+  core and the 256-over-64 model) and a single-resolution 256 px UNet of the same widths, batch
+  --official-batch (default 1): forward + backward only (no AdamW: its 3.7 GB of state for 461M
+  parameters does not fit beside the other processes of a small shared machine), eager fp32 and bf16
+  (compiling a 461M-parameter model takes too long on a small CPU; gpu_check.sh measures it on a GPU).
+
+The last line is `speedup over eager fp32: X.XX`, the best optimised step of fashion_tiny_32x16 over
+its eager fp32 step (optim section), or n/a without that section.
+
+    python benchmarks/train_throughput.py --sections optim           # the speedup alone (~5 min)
+    python benchmarks/train_throughput.py --fresh-compile-cache      # compile times without cache hits
 """
 
 from __future__ import annotations
@@ -19,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,13 +49,29 @@ from pathlib import Path
 
 import torch
 
-from matryoshka.models import NestedUNet
-from matryoshka.training import apply_overrides, load_train_config, read_metrics, train
-from matryoshka.training.config import TrainConfig
-from matryoshka.typed_config import from_dict, to_dict
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # perf_common, beside this script
+
+from perf_common import (  # noqa: E402
+    Options,
+    Timing,
+    build_train_step,
+    fmt_flops,
+    machine_line,
+    matmul_flops_per_s,
+    quiet_compile_logs,
+    step_flops,
+    time_round_robin,
+    workloads,
+)
+
+from matryoshka.models import NestedUNet  # noqa: E402
+from matryoshka.training import apply_overrides, load_train_config, read_metrics, train  # noqa: E402
+from matryoshka.training.config import TrainConfig  # noqa: E402
+from matryoshka.typed_config import from_dict, to_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ("fashion_tiny_32x16", "fashion_tiny_3level")
+SECTIONS = ("presets", "optim", "trainer", "official")
 
 # Single-resolution baselines: one 32 px UNet band down to the same lowest resolution as the presets'
 # cores, with attention and a mid block at the bottom like them.
@@ -49,6 +86,24 @@ BASELINES = {
     },
 }
 
+# The optim section's variants of one training step. The first is the 1.00x reference: the trainer's
+# step before the optimisations (eager, fp32, foreach AdamW, which was the CPU default).
+REFERENCE = Options(precision="fp32", optimizer="foreach")
+EAGER_VARIANTS = (
+    REFERENCE,
+    Options(precision="fp32", optimizer="fused"),
+    Options(precision="fp32", optimizer="fused", channels_last=True),
+    Options(precision="bf16", optimizer="fused"),
+    Options(precision="bf16", optimizer="fused", channels_last=True),
+)
+COMPILED_VARIANTS = (
+    Options(precision="fp32", optimizer="fused", compile=True),
+    Options(precision="bf16", optimizer="fused", compile=True),
+    # Compiled, channels_last pays: inductor's own GroupNorm kernels replace torch's channels-last CPU
+    # GroupNorm (several times slower than the contiguous one), and the bf16 convolutions gain from it.
+    Options(precision="bf16", optimizer="fused", compile=True, channels_last=True),
+)
+
 
 @dataclass
 class Arm:
@@ -59,29 +114,17 @@ class Arm:
     schedule_steps: int  # steps of this stage in the preset's schedule (0 for baselines)
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (
-        f"{platform.platform()}, {cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} thread(s)), load average {load}"
-    )
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
-def timing_config(config: TrainConfig, stage: dict, log_every: int) -> TrainConfig:
+def timing_config(config: TrainConfig, stage: dict, log_every: int, extra: list[str] | None = None) -> TrainConfig:
     raw = to_dict(config)
     raw["stages"] = [stage]
     raw = apply_overrides(
         raw,
         [f"logging.every={log_every}", "logging.sample_count=0", "logging.tensorboard=false",
-         "logging.progress=false", "checkpoint.every=0", "device=cpu"],
+         "logging.progress=false", "checkpoint.every=0", "device=cpu", *(extra or [])],
     )
     return from_dict(TrainConfig, raw)
 
@@ -114,30 +157,20 @@ def measure(arm: Arm, steps: int, scratch: Path) -> float:
     return statistics.median(windows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    parser.add_argument("--steps", type=int, default=40, help="steps per measurement (default 40)")
-    parser.add_argument("--log-every", type=int, default=10, help="steps per timing window (default 10)")
-    parser.add_argument("--repeats", type=int, default=3, help="round-robin repeats, median reported (default 3)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the presets' batch size")
-    args = parser.parse_args(argv)
-    if args.steps < 2 * args.log_every:
-        parser.error("--steps must cover at least two --log-every windows (the first one is warm-up)")
-    torch.set_num_threads(args.threads)
 
+# --------------------------------------------------------------------------------------------------
+# Section "presets": the nested presets' stages and a single-level UNet through the real trainer
+def presets_section(args: argparse.Namespace) -> None:
     arms = [arm for preset in args.presets for arm in arms_for(preset, args.steps, args.log_every, args.batch_size)]
     rates: dict[str, list[float]] = {arm.name: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as scratch:
         for repeat in range(args.repeats):
             for arm in arms:
                 rates[arm.name].append(measure(arm, args.steps, Path(scratch)))
-                print(f"  repeat {repeat + 1}/{args.repeats} {arm.name}: {rates[arm.name][-1]:.1f} images/s",
-                      file=sys.stderr, flush=True)
+                log(f"  repeat {repeat + 1}/{args.repeats} {arm.name}: {rates[arm.name][-1]:.1f} images/s")
     median = {name: statistics.median(values) for name, values in rates.items()}
 
-    print(f"machine: {machine()}")
+    print("\n## Nested presets vs a single-level UNet (the trainer, eager fp32)\n")
     print(f"batch {arms[0].config.data.batch_size}, {args.steps} steps per measurement, median of {args.repeats}\n")
     header = ("configuration", "levels (px)", "params", "images/s", "vs single-level")
     print(f"| {header[0]:<44} | {header[1]:<12} | {header[2]:>7} | {header[3]:>8} | {header[4]:>15} |")
@@ -153,7 +186,200 @@ def main(argv: list[str] | None = None) -> int:
         images = sum(arm.schedule_steps for arm in stages)  # x batch on both sides of the ratio
         seconds = sum(arm.schedule_steps / median[arm.name] for arm in stages)
         print(f"| {preset + ' whole schedule':<44} | {'':<12} | {'':>7} | {images / seconds:8.1f} | "
-              f"{images / seconds / baseline:14.2f}x |")
+              f"{images / seconds / baseline:14.2f}x |", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Section "optim": optimised paths of one training step
+def compile_counters() -> tuple[int, int]:
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+def optim_section(args: argparse.Namespace, peaks: dict[str, float]) -> float | None:
+    """Prints the table; returns the best speedup over eager fp32 of fashion_tiny_32x16 (None if absent)."""
+    device = torch.device("cpu")
+    speedup = None
+    print("\n## Optimised training steps (one step = loss, backward, AdamW; synthetic batch)\n")
+    print(f"{args.optim_rounds} interleaved rounds of {args.optim_calls} steps per variant, median (spread "
+          "min..max over rounds); 'first call' is the first step (for compiled variants: compilation, with "
+          "the inductor cache's hits/misses); share of peak = model FLOPs / step time / this run's measured "
+          f"matmul FLOP/s ({fmt_flops(peaks['fp32'])}FLOP/s fp32, {fmt_flops(peaks['bf16'])}FLOP/s bf16)\n")
+    print("| workload | path | images/s | spread | vs eager fp32 | first call (s) | GFLOP/step | achieved FLOP/s | "
+          "share of matmul peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    single_rate = None
+    for name in args.optim_workloads:
+        workload = workloads([name], batch=args.batch_size)[0]
+        variants = list(EAGER_VARIANTS)
+        if name in args.compile_on:
+            variants += list(COMPILED_VARIANTS)
+        steps = {}
+        for options in variants:
+            before = compile_counters()
+            log(f"  building {workload.name} / {options.label} ...")
+            with quiet_compile_logs():
+                step = build_train_step(workload, options, device)
+            hits, misses = (after - b for after, b in zip(compile_counters(), before, strict=True))
+            step.extra["cache"] = f" ({hits} hit/{misses} miss)" if options.compile else ""
+            steps[options.label] = step
+        timings = time_round_robin(
+            {label: step.run for label, step in steps.items()}, device, args.optim_rounds, args.optim_calls, log
+        )
+        flops = step_flops(workload)
+        reference = timings[REFERENCE.label].median
+        best = 1.0
+        for label, step in steps.items():
+            timing: Timing = timings[label]
+            rate = workload.batch / timing.median
+            achieved = flops / timing.median
+            peak = peaks[step.options.precision]
+            ratio = reference / timing.median
+            best = max(best, ratio)
+            print(f"| {workload.name} | {label} | {rate:.1f} | {timing.spread} | {ratio:.2f}x | "
+                  f"{step.first_call_s:.1f}{step.extra['cache']} | {flops / 1e9:.2f} | {fmt_flops(achieved)}FLOP/s | "
+                  f"{100 * achieved / peak:.0f}% of {step.options.precision} |", flush=True)
+        if name == "tiny_single":
+            single_rate = workload.batch / reference
+        if name == "tiny":
+            speedup = best
+            tiny_rate = workload.batch / reference
+        del steps
+    if single_rate is not None and "tiny" in args.optim_workloads:
+        print(f"\nnested fashion_tiny_32x16 vs the single-level UNet (both eager fp32 foreach): "
+              f"{tiny_rate / single_rate:.2f}x images/s")
+    return speedup
+
+
+# --------------------------------------------------------------------------------------------------
+# Section "trainer": the real trainer with the winning options
+TRAINER_ARMS = {
+    "eager fp32, foreach AdamW (reference)": ["optim.precision=fp32", "optim.implementation=foreach"],
+    "eager fp32, fused AdamW (new default)": ["optim.precision=fp32", "optim.implementation=auto"],
+    "eager bf16, fused AdamW": ["optim.precision=bf16", "optim.implementation=auto"],
+    "compile bf16 channels_last, fused AdamW": [
+        "optim.precision=bf16", "optim.implementation=auto", "optim.compile=true", "optim.channels_last=true"
+    ],
+}
+
+
+def trainer_section(args: argparse.Namespace) -> None:
+    preset = "fashion_tiny_32x16"
+    overrides = [f"data.batch_size={args.batch_size}"] if args.batch_size else []
+    config = load_train_config(ROOT / "configs" / f"{preset}.yaml", overrides)
+    levels = config.mdm.model.num_levels
+    arms = [
+        Arm(name, timing_config(config, {"levels": levels, "steps": args.steps}, args.log_every, extra),
+            config.mdm.model.sizes, 0, 0)
+        for name, extra in TRAINER_ARMS.items()
+    ]
+    rates: dict[str, list[float]] = {arm.name: [] for arm in arms}
+    with tempfile.TemporaryDirectory(prefix="train-throughput-") as scratch, quiet_compile_logs():
+        for repeat in range(args.repeats):
+            for arm in arms:
+                rates[arm.name].append(measure(arm, args.steps, Path(scratch)))
+                log(f"  repeat {repeat + 1}/{args.repeats} trainer {arm.name}: {rates[arm.name][-1]:.1f} images/s")
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    reference = median[arms[0].name]
+    print(f"\n## The trainer with the optimised options ({preset}, both levels, batch {config.data.batch_size})\n")
+    print(f"`matryoshka.training.train`, {args.steps} steps per run (the first {args.log_every}-step window, with "
+          f"warm-up and compilation, excluded), median of {args.repeats} interleaved runs\n")
+    print("| trainer options | images/s | runs | vs reference |")
+    print("|---|---|---|---|")
+    for arm in arms:
+        values = ", ".join(f"{v:.0f}" for v in rates[arm.name])
+        options = " ".join(TRAINER_ARMS[arm.name])
+        print(f"| {arm.name}: `{options}` | {median[arm.name]:.1f} | {values} | {median[arm.name] / reference:.2f}x |",
+              flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Section "official": the official architectures, forward + backward
+def official_section(args: argparse.Namespace, peaks: dict[str, float]) -> None:
+    device = torch.device("cpu")
+    names = ["official64", "official256", "official256_single"]
+    print(f"\n## Official architectures (random weights), batch {args.official_batch}, forward + backward\n")
+    print(f"{args.official_rounds} interleaved rounds of 1 step per variant after one warm-up step, median (spread); "
+          "no optimizer step (see the docstring); eager only\n")
+    print("| model | params | path | s/step | images/s | spread | vs eager fp32 | vs single-level | GFLOP/step | "
+          "achieved FLOP/s | share of matmul peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []  # (workload, flops, label, options, timing)
+    for name in names:
+        workload = workloads([name], official_batch=args.official_batch)[0]
+        flops = step_flops(workload)
+        steps = {}
+        model = None  # one network for both precisions (autocast is not a property of the weights)
+        for precision in ("fp32", "bf16"):
+            options = Options(precision=precision, optimizer=None)
+            log(f"  building {workload.name} / {options.label} (first step) ...")
+            steps[options.label] = build_train_step(workload, options, device, model=model)
+            model = steps[options.label].model
+        timings = time_round_robin({k: v.run for k, v in steps.items()}, device, args.official_rounds, 1, log)
+        rows += [(name, workload, flops, step.options, timings[label]) for label, step in steps.items()]
+        del steps, model
+    median = {(name, options.precision): timing.median for name, _, _, options, timing in rows}
+    for name, workload, flops, options, timing in rows:
+        reference = median[(name, "fp32")]
+        versus = ""
+        if name == "official256":  # images/s over the single-level UNet's at the same precision
+            versus = f"{median[('official256_single', options.precision)] / timing.median:.2f}x"
+        achieved = flops / timing.median
+        print(f"| {workload.name} | {workload.parameters / 1e6:.0f}M | {options.label} | {timing.median:.1f} | "
+              f"{workload.batch / timing.median:.3f} | {timing.spread} | {reference / timing.median:.2f}x | "
+              f"{versus} | {flops / 1e9:.0f} | {fmt_flops(achieved)}FLOP/s | "
+              f"{100 * achieved / peaks[options.precision]:.0f}% of {options.precision} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--steps", type=int, default=40, help="trainer steps per measurement (default 40)")
+    parser.add_argument("--log-every", type=int, default=10, help="steps per timing window (default 10)")
+    parser.add_argument("--repeats", type=int, default=3, help="round-robin repeats, median reported (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the presets' batch size")
+    parser.add_argument("--optim-workloads", nargs="+", default=["tiny", "tiny_t2i", "tiny_single"],
+                        choices=["tiny", "tiny_t2i", "tiny_single"])
+    parser.add_argument("--compile-on", nargs="*", default=["tiny"], choices=["tiny", "tiny_t2i", "tiny_single"],
+                        help="workloads whose compiled variants are measured (default: tiny; minutes each)")
+    parser.add_argument("--optim-rounds", type=int, default=5)
+    parser.add_argument("--optim-calls", type=int, default=3, help="steps per round and variant (default 3)")
+    parser.add_argument("--official-batch", type=int, default=1)
+    parser.add_argument("--official-rounds", type=int, default=2)
+    parser.add_argument("--fresh-compile-cache", action="store_true",
+                        help="compile into an empty inductor cache (honest cold compile times)")
+    args = parser.parse_args(argv)
+    if args.steps < 2 * args.log_every:
+        parser.error("--steps must cover at least two --log-every windows (the first one is warm-up)")
+    torch.set_num_threads(args.threads)
+    scratch_cache = None
+    if args.fresh_compile_cache:
+        scratch_cache = tempfile.TemporaryDirectory(prefix="inductor-cache-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch_cache.name
+
+    print(f"machine: {machine_line()}", flush=True)
+    peaks = {}
+    if {"optim", "official"} & set(args.sections):
+        peaks = {"fp32": matmul_flops_per_s(torch.device("cpu")),
+                 "bf16": matmul_flops_per_s(torch.device("cpu"), torch.bfloat16)}
+        print(f"measured 2048^3 matmul: {fmt_flops(peaks['fp32'])}FLOP/s fp32, {fmt_flops(peaks['bf16'])}FLOP/s bf16 "
+              f"({args.threads} thread(s))", flush=True)
+    speedup = None
+    if "presets" in args.sections:
+        presets_section(args)
+    if "optim" in args.sections:
+        speedup = optim_section(args, peaks)
+    if "trainer" in args.sections:
+        trainer_section(args)
+    if "official" in args.sections:
+        official_section(args, peaks)
+    print(f"\nload average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"speedup over eager fp32: {speedup:.2f}" if speedup is not None else "speedup over eager fp32: n/a")
+    if scratch_cache is not None:
+        scratch_cache.cleanup()
     return 0
 
 

@@ -1,0 +1,380 @@
+"""Shared pieces of the performance benchmarks (train_throughput, sampling_latency, memory, gpu_check).
+
+Models: the tiny Fashion-MNIST presets and the official ml-mdm text-to-image architectures (the 64 px
+core and the 256-over-64 model of configs/t2i_256.yaml, random weights), each beside a plain
+single-resolution UNet of similar size. A training step here is the trainer's own step without its
+data pipeline: `matryoshka.training.loop.diffusion_loss` on synthetic inputs, backward, and (unless
+left out) the trainer's AdamW (`make_optimizer`), under the same autocast and memory-format options.
+
+Timing helpers measure variants round-robin and report medians with their spread, because these
+benchmarks usually run on a shared machine whose load changes while they run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
+from matryoshka.models import ModelConfig, NestedUNet
+from matryoshka.training import load_train_config
+from matryoshka.training.config import OptimConfig
+from matryoshka.training.loop import diffusion_loss
+from matryoshka.training.optim import make_optimizer
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT_TOKENS = 32  # synthetic caption length for text-conditional models
+
+
+# --------------------------------------------------------------------------------------------------
+# The machine
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(device: torch.device | None = None) -> str:
+    """CPU model, cores, threads, torch version, load average (and the GPU when `device` is CUDA)."""
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    text = (
+        f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} thread(s)), Python {platform.python_version()}, load average {load}"
+    )
+    if device is not None and device.type == "cuda":
+        text = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host: {text}"
+    return text
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops_per_s(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 2.0
+) -> float:
+    """Measured FLOP/s of a large square matmul (2 n^3 FLOPs each): this machine's practical peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up (allocations, kernel selection)
+    synchronize(device)
+    rates = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(rates) < 3:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        rates.append(2 * size**3 / (time.perf_counter() - start))
+    return max(rates)  # the least disturbed run: the machine's capability, not its current load
+
+
+def count_flops(function: Callable[[], object]) -> int:
+    """FLOPs of one call (matmuls, convolutions, attention) counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        function()
+    return counter.get_total_flops()
+
+
+# --------------------------------------------------------------------------------------------------
+# The models
+@dataclass
+class Workload:
+    """A network to benchmark and its synthetic batch."""
+
+    name: str
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    batch: int
+    note: str = ""
+
+    @property
+    def parameters(self) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in NestedUNet(self.model).parameters())
+
+
+def preset_workload(preset: str, levels: int | None = None, batch: int | None = None) -> Workload:
+    """configs/<preset>.yaml's model (its `levels` innermost levels; None: all) with the preset's batch."""
+    config = load_train_config(ROOT / "configs" / f"{preset}.yaml")
+    model = config.mdm.model if levels is None else config.mdm.model.innermost(levels)
+    name = preset if levels is None else f"{preset} ({levels} level{'s' * (levels > 1)})"
+    return Workload(name, model, config.mdm.diffusion, batch or config.data.batch_size)
+
+
+def single_level_like(workload: Workload, channels: list[int], num_res_blocks: list[int],
+                      attention_layers: list[int] | None, name: str | None = None) -> Workload:
+    """A plain single-resolution UNet at the workload's top resolution, built from its core level's
+    settings (attention, FFN, heads, groups, conditioning) with the given bands; no nesting, one loss."""
+    core = workload.model.levels[-1]
+    top = workload.model.levels[0]
+    level = dataclasses.replace(
+        core, channels=channels, num_res_blocks=num_res_blocks, attention_layers=attention_layers,
+        micro_conditioning=dict(top.micro_conditioning), normalize_input=False,
+    )
+    model = dataclasses.replace(workload.model, levels=[level])
+    diffusion = dataclasses.replace(workload.diffusion, level_weights=None, mixed_ratio=None)
+    return Workload(name or f"single-level UNet {model.image_size} px", model, diffusion, workload.batch)
+
+
+# Plain single-resolution UNets of about the nested models' sizes: the same widths, down to the same
+# lowest resolution, with the core's attention at the bottom.
+TINY_BASELINE = {"channels": [16, 32, 72], "num_res_blocks": [1, 1, 1], "attention_layers": [0, 0, 1]}
+OFFICIAL_256_BASELINE = {
+    "channels": [64, 128, 256, 512, 768], "num_res_blocks": [2, 2, 2, 2, 2], "attention_layers": [0, 0, 0, 1, 5],
+}
+
+
+def workloads(names: list[str], batch: int | None = None, official_batch: int = 1) -> list[Workload]:
+    """Named workloads: tiny, tiny_t2i, tiny_single, official64, official256, official256_single."""
+    out = []
+    for name in names:
+        if name == "tiny":
+            out.append(preset_workload("fashion_tiny_32x16", batch=batch))
+        elif name == "tiny_t2i":
+            out.append(preset_workload("fashion_t2i_32x16", batch=batch))
+        elif name == "tiny_single":
+            base = preset_workload("fashion_tiny_32x16", batch=batch)
+            out.append(single_level_like(base, **TINY_BASELINE, name="single-level UNet 32 px (tiny)"))
+        elif name == "official64":
+            w = preset_workload("t2i_256", levels=1, batch=official_batch)
+            out.append(dataclasses.replace(w, name="official 64 px core (t2i_256 stage 1)"))
+        elif name == "official256":
+            w = preset_workload("t2i_256", batch=official_batch)
+            out.append(dataclasses.replace(w, name="official 256/64 (t2i_256)"))
+        elif name == "official256_single":
+            base = preset_workload("t2i_256", batch=official_batch)
+            name = "single-level UNet 256 px (official widths)"
+            out.append(single_level_like(base, **OFFICIAL_256_BASELINE, name=name))
+        else:
+            raise ValueError(f"unknown workload {name!r}")
+    return out
+
+
+def synthetic_inputs(workload: Workload, device: torch.device, seed: int = 0) -> dict:
+    """Clean top-level images, t, per-level noise and conditioning kwargs, on `device`."""
+    model = workload.model
+    generator = torch.Generator().manual_seed(seed)
+    b, c, s = workload.batch, model.in_channels, model.image_size
+    images = torch.rand(b, c, s, s, generator=generator) * 2 - 1
+    noise = [torch.randn(b, c, size, size, generator=generator) for size in model.sizes]
+    t = torch.randint(0, 1000, (b,), generator=generator)
+    conditioning: dict[str, torch.Tensor] = {}
+    if model.num_classes > 0:
+        conditioning["labels"] = torch.randint(0, model.num_classes + 1, (b,), generator=generator)
+    if model.text_dim > 0:
+        conditioning["text_states"] = torch.randn(b, TEXT_TOKENS, model.text_dim, generator=generator)
+        conditioning["text_mask"] = torch.ones(b, TEXT_TOKENS, dtype=torch.long)
+    move = lambda x: x.to(device)  # noqa: E731
+    return {
+        "images": move(images), "t": move(t), "noise": [move(x) for x in noise],
+        "conditioning": {k: move(v) for k, v in conditioning.items()},
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps
+@dataclass(frozen=True)
+class Options:
+    """How a step is computed (the trainer's optim.* options of the same names)."""
+
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    channels_last: bool = False
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    optimizer: str | None = "foreach"  # OptimConfig.implementation; None: forward + backward only
+
+    @property
+    def label(self) -> str:
+        parts = ["compile" if self.compile else "eager", self.precision]
+        if self.channels_last:
+            parts.append("channels_last")
+        if self.gradient_checkpointing:
+            parts.append("checkpointing")
+        if self.optimizer is not None:
+            parts.append(f"{self.optimizer} AdamW")
+        return " ".join(parts)
+
+
+@dataclass
+class Step:
+    """A built training step: `run()` does one step; `model` is the eager module."""
+
+    workload: Workload
+    options: Options
+    model: NestedUNet
+    run: Callable[[], None]
+    device: torch.device
+    first_call_s: float = 0.0  # the first call (compilation for compiled steps, warm-up otherwise)
+    extra: dict = field(default_factory=dict)
+
+
+def build_model(workload: Workload, options: Options, device: torch.device, seed: int = 0) -> NestedUNet:
+    torch.manual_seed(seed)
+    model = NestedUNet(workload.model)
+    if options.gradient_checkpointing:
+        model.set_gradient_checkpointing(True)
+    memory_format = torch.channels_last if options.channels_last else torch.preserve_format
+    return model.to(device, memory_format=memory_format)
+
+
+def build_train_step(
+    workload: Workload, options: Options, device: torch.device, seed: int = 0, model: NestedUNet | None = None
+) -> Step:
+    """One training step of `workload` as the trainer computes it, on synthetic inputs. `model`: reuse
+    an already built network (built with the same memory format) instead of building one."""
+    model = (model if model is not None else build_model(workload, options, device, seed)).train()
+    forward = torch.compile(model) if options.compile else model
+    optimizer = None
+    if options.optimizer is not None:
+        optim_config = OptimConfig(implementation=options.optimizer)  # type: ignore[arg-type]
+        optimizer = make_optimizer(model.parameters(), optim_config, 1e-4, device, sharded=False)
+    schedule = PyramidSchedule.from_config(workload.diffusion, workload.model.scales).to(device)
+    inputs = synthetic_inputs(workload, device, seed)
+    bf16 = options.precision == "bf16"
+
+    def run() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = diffusion_loss(
+                forward, inputs["images"], workload.model.scales, inputs["t"], inputs["noise"],
+                inputs["conditioning"], schedule, workload.diffusion, options.channels_last,
+            )
+        loss.mean().backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+
+    step = Step(workload, options, model, run, device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    step.first_call_s = time.perf_counter() - start
+    return step
+
+
+def build_forward(workload: Workload, options: Options, device: torch.device, seed: int = 0,
+                  batch: int | None = None) -> Step:
+    """One denoiser forward (as a sampler calls it, no gradients) of `batch` rows (default: the
+    workload's batch) on a noisy synthetic pyramid."""
+    model = build_model(workload, options, device, seed).eval()
+    forward = torch.compile(model) if options.compile else model
+    rows = batch or workload.batch
+    inputs = synthetic_inputs(dataclasses.replace(workload, batch=rows), device, seed)
+    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
+    pyramid = [x.contiguous(memory_format=memory_format) for x in inputs["noise"]]
+    bf16 = options.precision == "bf16"
+
+    @torch.no_grad()
+    def run() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            forward(pyramid, inputs["t"], **inputs["conditioning"])
+
+    step = Step(workload, options, model, run, device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    step.first_call_s = time.perf_counter() - start
+    return step
+
+
+def step_flops(workload: Workload, train: bool = True, batch: int | None = None) -> int:
+    """Model FLOPs of one training step (forward + backward) or one forward, counted on the meta device
+    (shapes only: instant, whatever the model's size)."""
+    rows = batch or workload.batch
+    with torch.device("meta"):
+        model = NestedUNet(workload.model)
+        inputs = synthetic_inputs(dataclasses.replace(workload, batch=rows), torch.device("meta"))
+    schedule = PyramidSchedule.from_config(workload.diffusion, workload.model.scales).to("meta")
+
+    def once() -> None:
+        if train:
+            loss = diffusion_loss(
+                model, inputs["images"], workload.model.scales, inputs["t"], inputs["noise"],
+                inputs["conditioning"], schedule, workload.diffusion,
+            )
+            loss.mean().backward()
+        else:
+            with torch.no_grad():
+                model(inputs["noise"], inputs["t"], **inputs["conditioning"])
+
+    return count_flops(once)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+@dataclass
+class Timing:
+    seconds: list[float]  # per call, one entry per round
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> str:
+        """min..max over the rounds, in % of the median."""
+        lo, hi = min(self.seconds), max(self.seconds)
+        return f"{100 * (lo / self.median - 1):+.0f}%..{100 * (hi / self.median - 1):+.0f}%"
+
+
+def time_round_robin(
+    runs: dict[str, Callable[[], None]], device: torch.device, rounds: int, calls: int,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Timing]:
+    """Seconds per call of every run, measured in `rounds` interleaved rounds of `calls` calls each, so
+    that a changing machine load affects every variant alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for index in range(rounds):
+        for name, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) / calls)
+            if log is not None:
+                log(f"  round {index + 1}/{rounds} {name}: {times[name][-1] * 1e3:.1f} ms/call")
+    return {name: Timing(values) for name, values in times.items()}
+
+
+@contextlib.contextmanager
+def quiet_compile_logs():
+    """torch.compile can print warnings per graph break; keep the tables readable."""
+    import logging
+
+    logger = logging.getLogger("torch._dynamo")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def fmt_rate(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def fmt_flops(value: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f} "
