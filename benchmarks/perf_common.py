@@ -335,6 +335,18 @@ class Timing:
         return f"{100 * (lo / self.median - 1):+.0f}%..{100 * (hi / self.median - 1):+.0f}%"
 
 
+def paired_speedup(reference: Timing, other: Timing) -> tuple[float, float, float]:
+    """Speed of `other` over `reference`, round by round (the two ran back to back in each round, under
+    about the same load): (median, min, max) of reference_time / other_time over the rounds."""
+    ratios = [r / o for r, o in zip(reference.seconds, other.seconds, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def fmt_speedup(reference: Timing, other: Timing) -> str:
+    median, lo, hi = paired_speedup(reference, other)
+    return f"{median:.2f}x ({lo:.2f}..{hi:.2f})"
+
+
 def time_round_robin(
     runs: dict[str, Callable[[], None]], device: torch.device, rounds: int, calls: int,
     log: Callable[[str], None] | None = None,

@@ -41,6 +41,7 @@ from perf_common import (  # noqa: E402
     build_model,
     count_flops,
     fmt_flops,
+    fmt_speedup,
     machine_line,
     matmul_flops_per_s,
     quiet_compile_logs,
@@ -160,7 +161,7 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device, pea
     both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
     with torch.no_grad():
         guided_flops = count_flops(lambda: model(pyramid, t, **both))
-    reference = timings[PATHS[0].label].median / args.steps
+    reference = timings[PATHS[0].label]
     rows = []
     for path in paths:
         timing = timings[path.label]
@@ -171,7 +172,7 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device, pea
         compile_note = f"{first_call[path.label]:.1f}" if path.options.compile else f"({first_call[path.label]:.1f})"
         rows.append(
             f"| {workload.name} | {batch} | {path.label} | {per_step * 1e3:.1f} | {timing.spread} | "
-            f"{reference / per_step:.2f}x | {compile_note} | {flops / 1e9:.1f} | {fmt_flops(achieved)}FLOP/s | "
+            f"{fmt_speedup(reference, timing)} | {compile_note} | {flops / 1e9:.1f} | {fmt_flops(achieved)}FLOP/s | "
             f"{100 * achieved / peaks[precision]:.0f}% of {precision} |"
         )
     return rows
@@ -203,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {"fp32": matmul_flops_per_s(device), "bf16": matmul_flops_per_s(device, torch.bfloat16)}
     print(f"measured 2048^3 matmul: {fmt_flops(peaks['fp32'])}FLOP/s fp32, {fmt_flops(peaks['bf16'])}FLOP/s bf16\n")
     print(f"DDIM, guidance {GUIDANCE}, {args.steps} steps of the {args.num_inference_steps}-step spacing per round, "
-          f"median of {args.rounds} interleaved rounds (spread min..max); first call in s (compilation for compiled "
-          "paths; in parentheses: warm-up only)\n")
+          f"median of {args.rounds} interleaved rounds (spread min..max); 'vs reference': median (min..max) over "
+          "rounds of the reference's time over the path's, both measured back to back; first call in s "
+          "(compilation for compiled paths; in parentheses: warm-up only)\n")
     print("| model | batch | path | ms/step | spread | vs reference | first call (s) | GFLOP/step | achieved FLOP/s | "
           "share of matmul peak |")
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)

@@ -56,8 +56,10 @@ from perf_common import (  # noqa: E402
     Timing,
     build_train_step,
     fmt_flops,
+    fmt_speedup,
     machine_line,
     matmul_flops_per_s,
+    paired_speedup,
     quiet_compile_logs,
     step_flops,
     time_round_robin,
@@ -203,8 +205,10 @@ def optim_section(args: argparse.Namespace, peaks: dict[str, float]) -> float | 
     speedup = None
     print("\n## Optimised training steps (one step = loss, backward, AdamW; synthetic batch)\n")
     print(f"{args.optim_rounds} interleaved rounds of {args.optim_calls} steps per variant, median (spread "
-          "min..max over rounds); 'first call' is the first step (for compiled variants: compilation, with "
-          "the inductor cache's hits/misses); share of peak = model FLOPs / step time / this run's measured "
+          "min..max over rounds); 'vs eager fp32' is the median (min..max) over rounds of the reference's step "
+          "time over the variant's, both measured back to back in the round; 'first call' is the first step "
+          "(for compiled variants: compilation, with the inductor cache's hits/misses); share of peak = model "
+          "FLOPs / step time / this run's measured "
           f"matmul FLOP/s ({fmt_flops(peaks['fp32'])}FLOP/s fp32, {fmt_flops(peaks['bf16'])}FLOP/s bf16)\n")
     print("| workload | path | images/s | spread | vs eager fp32 | first call (s) | GFLOP/step | achieved FLOP/s | "
           "share of matmul peak |")
@@ -228,23 +232,22 @@ def optim_section(args: argparse.Namespace, peaks: dict[str, float]) -> float | 
             {label: step.run for label, step in steps.items()}, device, args.optim_rounds, args.optim_calls, log
         )
         flops = step_flops(workload)
-        reference = timings[REFERENCE.label].median
+        reference = timings[REFERENCE.label]
         best = 1.0
         for label, step in steps.items():
             timing: Timing = timings[label]
             rate = workload.batch / timing.median
             achieved = flops / timing.median
             peak = peaks[step.options.precision]
-            ratio = reference / timing.median
-            best = max(best, ratio)
-            print(f"| {workload.name} | {label} | {rate:.1f} | {timing.spread} | {ratio:.2f}x | "
+            best = max(best, paired_speedup(reference, timing)[0])
+            print(f"| {workload.name} | {label} | {rate:.1f} | {timing.spread} | {fmt_speedup(reference, timing)} | "
                   f"{step.first_call_s:.1f}{step.extra['cache']} | {flops / 1e9:.2f} | {fmt_flops(achieved)}FLOP/s | "
                   f"{100 * achieved / peak:.0f}% of {step.options.precision} |", flush=True)
         if name == "tiny_single":
-            single_rate = workload.batch / reference
+            single_rate = workload.batch / reference.median
         if name == "tiny":
             speedup = best
-            tiny_rate = workload.batch / reference
+            tiny_rate = workload.batch / reference.median
         del steps
     if single_rate is not None and "tiny" in args.optim_workloads:
         print(f"\nnested fashion_tiny_32x16 vs the single-level UNet (both eager fp32 foreach): "
@@ -281,17 +284,17 @@ def trainer_section(args: argparse.Namespace) -> None:
                 rates[arm.name].append(measure(arm, args.steps, Path(scratch)))
                 log(f"  repeat {repeat + 1}/{args.repeats} trainer {arm.name}: {rates[arm.name][-1]:.1f} images/s")
     median = {name: statistics.median(values) for name, values in rates.items()}
-    reference = median[arms[0].name]
     print(f"\n## The trainer with the optimised options ({preset}, both levels, batch {config.data.batch_size})\n")
     print(f"`matryoshka.training.train`, {args.steps} steps per run (the first {args.log_every}-step window, with "
           f"warm-up and compilation, excluded), median of {args.repeats} interleaved runs\n")
-    print("| trainer options | images/s | runs | vs reference |")
+    print("| trainer options | images/s | runs | vs reference (per repeat: median, min..max) |")
     print("|---|---|---|---|")
     for arm in arms:
         values = ", ".join(f"{v:.0f}" for v in rates[arm.name])
         options = " ".join(TRAINER_ARMS[arm.name])
-        print(f"| {arm.name}: `{options}` | {median[arm.name]:.1f} | {values} | {median[arm.name] / reference:.2f}x |",
-              flush=True)
+        ratios = [v / r for v, r in zip(rates[arm.name], rates[arms[0].name], strict=True)]
+        print(f"| {arm.name}: `{options}` | {median[arm.name]:.1f} | {values} | {statistics.median(ratios):.2f}x "
+              f"({min(ratios):.2f}..{max(ratios):.2f}) |", flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,15 +322,15 @@ def official_section(args: argparse.Namespace, peaks: dict[str, float]) -> None:
         timings = time_round_robin({k: v.run for k, v in steps.items()}, device, args.official_rounds, 1, log)
         rows += [(name, workload, flops, step.options, timings[label]) for label, step in steps.items()]
         del steps, model
-    median = {(name, options.precision): timing.median for name, _, _, options, timing in rows}
+    measured = {(name, options.precision): timing for name, _, _, options, timing in rows}
     for name, workload, flops, options, timing in rows:
-        reference = median[(name, "fp32")]
+        reference = measured[(name, "fp32")]
         versus = ""
         if name == "official256":  # images/s over the single-level UNet's at the same precision
-            versus = f"{median[('official256_single', options.precision)] / timing.median:.2f}x"
+            versus = f"{measured[('official256_single', options.precision)].median / timing.median:.2f}x"
         achieved = flops / timing.median
         print(f"| {workload.name} | {workload.parameters / 1e6:.0f}M | {options.label} | {timing.median:.1f} | "
-              f"{workload.batch / timing.median:.3f} | {timing.spread} | {reference / timing.median:.2f}x | "
+              f"{workload.batch / timing.median:.3f} | {timing.spread} | {fmt_speedup(reference, timing)} | "
               f"{versus} | {flops / 1e9:.0f} | {fmt_flops(achieved)}FLOP/s | "
               f"{100 * achieved / peaks[options.precision]:.0f}% of {options.precision} |", flush=True)
 
