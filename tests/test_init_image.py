@@ -195,3 +195,32 @@ def test_per_level_guidance_scales_reach_each_level():
     # (scale 1 on a level computes u + 1 (c - u) in the batched path: equal to c up to rounding)
     assert torch.allclose(seen[0][0], seen[1][0], atol=1e-5) and not torch.allclose(seen[0][1], seen[1][1], atol=1e-3)
     assert torch.allclose(seen[2][1], seen[1][1], atol=1e-5) and not torch.allclose(seen[2][0], seen[1][0], atol=1e-3)
+
+
+def test_generate_cli_init_image_pins_the_core_to_the_given_picture(tmp_path):
+    """`matryoshka generate --init-image` (embedded model): the returned 16 px level is the given image."""
+    from PIL import Image
+
+    from matryoshka.cli import main
+    from matryoshka.commands.generate import default_model_dir
+    from matryoshka.data import pil_to_tensor
+    from matryoshka.pipeline import MatryoshkaPipeline
+
+    small = Image.new("L", (16, 16), 0)
+    small.paste(255, (4, 4, 12, 12))
+    small.save(tmp_path / "small.png")
+    out = tmp_path / "up.png"
+    assert main(["generate", "a bag", "--init-image", str(tmp_path / "small.png"), "--steps", "8", "--seed", "1",
+                 "--all-levels", "--quiet", "--out", str(out)]) == 0
+    core = pil_to_tensor(Image.open(tmp_path / "up.level1.png").convert("L"))
+    torch.testing.assert_close(core, pil_to_tensor(small), atol=1 / 127, rtol=0)
+    # The top level agrees with the pinned core: its 2x2 average pool is close to the given picture.
+    pipe = MatryoshkaPipeline.from_pretrained(default_model_dir())
+    result = pipe("a bag", num_inference_steps=8, generator=1, init_image=small, progress=False)
+    pooled = torch.nn.functional.avg_pool2d(result.tensors[0], 2)
+    free = pipe("a bag", num_inference_steps=8, generator=1, progress=False)
+    target = pil_to_tensor(small)
+    free_pooled = torch.nn.functional.avg_pool2d(free.tensors[0], 2)
+    assert (pooled - target).square().mean() < (free_pooled - target).square().mean()
+    with pytest.raises(ValueError, match="init_level"):
+        pipe("a bag", num_inference_steps=2, init_image=small, init_level=5, progress=False)

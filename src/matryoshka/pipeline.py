@@ -26,7 +26,7 @@ from PIL import Image
 
 from matryoshka import sampling, solvers
 from matryoshka.conditioning import TextEmbedding, TextEncoder, load_text_encoder, pad_embeddings
-from matryoshka.data import make_grid, tensor_to_pil
+from matryoshka.data import convert_channels, make_grid, pil_to_tensor, resize_center_crop, tensor_to_pil
 from matryoshka.diffusion import PyramidSchedule
 from matryoshka.model_dir import MDMConfig, load_model_dir, save_model_dir
 from matryoshka.models import NestedUNet
@@ -261,6 +261,8 @@ class MatryoshkaPipeline:
         output_levels: bool = False,
         callback: sampling.StepCallback | None = None,
         progress: bool = True,
+        init_image: Image.Image | torch.Tensor | None = None,
+        init_level: int | None = None,
     ) -> PipelineOutput:
         """Generates num_images_per_prompt images for every prompt (or class label).
 
@@ -268,6 +270,10 @@ class MatryoshkaPipeline:
         generator: a torch.Generator on the pipeline's device, or an int seed; the initial noise of every
             level and DDPM/eta noise come from it, so a seed gives the same images every time.
         callback: called after every step with a sampling.StepState (x0 estimates and states per level).
+        init_image: super-resolution / variations: a low-resolution image (PIL, or a tensor (C, H, W) in
+            [-1, 1]) that pins level `init_level` (default: the level whose side equals the image's, else
+            the core, resized to it): at every step that level is replaced by the image noised to the
+            current time, so the other levels are generated consistent with it.
         """
         sample_fn = get_sampler(sampler)
         if num_images_per_prompt < 1:
@@ -317,6 +323,12 @@ class MatryoshkaPipeline:
             torch.randn((batch, *shape), generator=generator, device=self.device) for shape in self.level_shapes()
         ]
         timesteps = spaced_timesteps(self.schedule.num_train_steps, num_inference_steps)
+        extra = {}
+        if init_image is not None:
+            level, image = self._init_level(init_image, init_level)
+            extra["replace_levels"] = sampling.condition_on_levels(
+                {level: image.to(self.device)}, self.schedule.to(self.device), generator
+            )
         result = sample_fn(
             denoiser,
             noise,
@@ -328,11 +340,35 @@ class MatryoshkaPipeline:
             generator=generator,
             callback=callback,
             progress=progress,
+            **extra,
         )
         tensors = [level.float().cpu() for level in result]
         images = [_to_pil(sample) for sample in tensors[0]]
         levels = [[_to_pil(sample) for sample in level] for level in tensors] if output_levels else None
         return PipelineOutput(images=images, levels=levels, tensors=tensors)
+
+    def _init_level(self, image: Image.Image | torch.Tensor, level: int | None) -> tuple[int, torch.Tensor]:
+        """Which level an init image pins, and the image as a (C, S, S) tensor in [-1, 1] of that size."""
+        if self.is_video:
+            raise ValueError("init_image is for image models")
+        sizes = self.config.model.sizes
+        channels = self.config.model.in_channels
+        if isinstance(image, torch.Tensor):
+            side = image.shape[-1]
+            if level is None:
+                level = sizes.index(side) if side in sizes else len(sizes) - 1
+            if not 0 <= level < len(sizes):
+                raise ValueError(f"init_level must be in [0, {len(sizes) - 1}], got {level}")
+            wanted = (channels, sizes[level], sizes[level])
+            if tuple(image.shape[-3:]) != wanted:
+                raise ValueError(f"init_image tensor has shape {tuple(image.shape)}; level {level} needs {wanted}")
+            return level, image.float()
+        if level is None:
+            level = sizes.index(image.width) if image.width == image.height and image.width in sizes else len(sizes) - 1
+        if not 0 <= level < len(sizes):
+            raise ValueError(f"init_level must be in [0, {len(sizes) - 1}], got {level}")
+        image = resize_center_crop(convert_channels(image, channels), sizes[level])
+        return level, pil_to_tensor(image)
 
     @property
     def is_video(self) -> bool:

@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
     parser.add_argument("--class", dest="class_label", metavar="NAME_OR_ID", help="class of a class-conditional model")
     parser.add_argument("--all-levels", action="store_true", help="also write FILE.level{i}.png for every level")
+    parser.add_argument("--init-image", type=Path, metavar="PNG",
+                        help="super-resolution / variations: pin a low level to this image (see --init-level)")
+    parser.add_argument("--init-level", type=int, default=None,
+                        help="level the init image pins (0 = highest; default: the level of its size, else the core)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--fps", type=float, default=8.0, help="video models: frames per second (default 8)")
@@ -100,6 +104,15 @@ def run(args: argparse.Namespace) -> int:
         class_label = args.class_label
         if class_label is not None and class_label.strip().isdigit():
             class_label = int(class_label)
+        init_image = None
+        if args.init_image is not None:
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                init_image = Image.open(args.init_image)
+                init_image.load()
+            except (OSError, UnidentifiedImageError) as error:
+                raise ValueError(f"--init-image {args.init_image}: not a readable image ({error})") from None
         pipe = _load_pipeline(args)
         _check_out(args.out, pipe.is_video)
         seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
@@ -115,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
             generator=seed,
             num_images_per_prompt=args.num_images,
             progress=not args.quiet,
+            init_image=init_image,
+            init_level=args.init_level,
         )
         elapsed = time.perf_counter() - started
     except (ValueError, TypeError, FileNotFoundError, pickle.UnpicklingError) as error:
