@@ -82,6 +82,17 @@ def matmul_flops_per_s(
     return max(rates)  # the least disturbed run: the machine's capability, not its current load
 
 
+def matmul_run(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048
+) -> tuple[Callable[[], None], int]:
+    """A (run, FLOPs per run) pair for one large square matmul, to time beside model steps in the same
+    rounds: its rate in a round is the machine's practical peak under that round's load."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+    return (lambda: torch.mm(a, b)), 2 * size**3
+
+
 def count_flops(function: Callable[[], object]) -> int:
     """FLOPs of one call (matmuls, convolutions, attention) counted by torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -345,6 +356,12 @@ def paired_speedup(reference: Timing, other: Timing) -> tuple[float, float, floa
 def fmt_speedup(reference: Timing, other: Timing) -> str:
     median, lo, hi = paired_speedup(reference, other)
     return f"{median:.2f}x ({lo:.2f}..{hi:.2f})"
+
+
+def share_of_peak(flops: float, timing: Timing, matmul_flops: float, matmul: Timing) -> float:
+    """Median over rounds of (flops / time) / (matmul FLOPs / matmul time), both timed in the round."""
+    shares = [(flops / t) / (matmul_flops / m) for t, m in zip(timing.seconds, matmul.seconds, strict=True)]
+    return statistics.median(shares)
 
 
 def time_round_robin(

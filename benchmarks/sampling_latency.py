@@ -44,7 +44,9 @@ from perf_common import (  # noqa: E402
     fmt_speedup,
     machine_line,
     matmul_flops_per_s,
+    matmul_run,
     quiet_compile_logs,
+    share_of_peak,
     synchronize,
     time_round_robin,
     workloads,
@@ -114,7 +116,7 @@ PATHS = (
 )
 
 
-def measure_model(name: str, args: argparse.Namespace, device: torch.device, peaks: dict[str, float]) -> list[str]:
+def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> list[str]:
     batch = args.batch if not name.startswith("official") else args.official_batch
     workload = workloads([name], batch=batch, official_batch=batch)[0]
     schedule = PyramidSchedule.from_config(workload.diffusion, workload.model.scales).to(device)
@@ -151,6 +153,8 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device, pea
             synchronize(device)
         first_call[path.label] = os.times().elapsed - start
         runs[path.label] = run
+    matmuls = {"fp32": matmul_run(device, torch.float32), "bf16": matmul_run(device, torch.bfloat16)}
+    runs.update({f"matmul {precision}": run for precision, (run, _) in matmuls.items()})
     log = (lambda m: print(m, file=sys.stderr, flush=True))  # noqa: E731
     timings = time_round_robin(runs, device, args.rounds, 1, log)
 
@@ -169,11 +173,12 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device, pea
         flops = guided_flops / 2 if path.mode == "none" else guided_flops
         achieved = flops / per_step
         precision = path.options.precision
+        share = share_of_peak(flops * args.steps, timing, matmuls[precision][1], timings[f"matmul {precision}"])
         compile_note = f"{first_call[path.label]:.1f}" if path.options.compile else f"({first_call[path.label]:.1f})"
         rows.append(
             f"| {workload.name} | {batch} | {path.label} | {per_step * 1e3:.1f} | {timing.spread} | "
             f"{fmt_speedup(reference, timing)} | {compile_note} | {flops / 1e9:.1f} | {fmt_flops(achieved)}FLOP/s | "
-            f"{100 * achieved / peaks[precision]:.0f}% of {precision} |"
+            f"{100 * share:.0f}% of {precision} |"
         )
     return rows
 
@@ -202,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {machine_line(device)}", flush=True)
     peaks = {"fp32": matmul_flops_per_s(device), "bf16": matmul_flops_per_s(device, torch.bfloat16)}
-    print(f"measured 2048^3 matmul: {fmt_flops(peaks['fp32'])}FLOP/s fp32, {fmt_flops(peaks['bf16'])}FLOP/s bf16\n")
+    print(f"2048^3 matmul at the start: {fmt_flops(peaks['fp32'])}FLOP/s fp32, {fmt_flops(peaks['bf16'])}FLOP/s bf16 "
+          "(the shares of peak below use matmuls timed beside each path, in the same rounds)\n")
     print(f"DDIM, guidance {GUIDANCE}, {args.steps} steps of the {args.num_inference_steps}-step spacing per round, "
           f"median of {args.rounds} interleaved rounds (spread min..max); 'vs reference': median (min..max) over "
           "rounds of the reference's time over the path's, both measured back to back; first call in s "
@@ -211,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
           "share of matmul peak |")
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in args.models:
-        for row in measure_model(name, args, device, peaks):
+        for row in measure_model(name, args, device):
             print(row, flush=True)
     print(f"\nload average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0

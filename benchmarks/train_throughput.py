@@ -59,8 +59,10 @@ from perf_common import (  # noqa: E402
     fmt_speedup,
     machine_line,
     matmul_flops_per_s,
+    matmul_run,
     paired_speedup,
     quiet_compile_logs,
+    share_of_peak,
     step_flops,
     time_round_robin,
     workloads,
@@ -199,7 +201,10 @@ def compile_counters() -> tuple[int, int]:
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
-def optim_section(args: argparse.Namespace, peaks: dict[str, float]) -> float | None:
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def optim_section(args: argparse.Namespace) -> float | None:
     """Prints the table; returns the best speedup over eager fp32 of fashion_tiny_32x16 (None if absent)."""
     device = torch.device("cpu")
     speedup = None
@@ -208,12 +213,11 @@ def optim_section(args: argparse.Namespace, peaks: dict[str, float]) -> float | 
           "min..max over rounds); 'vs eager fp32' is the median (min..max) over rounds of the reference's step "
           "time over the variant's, both measured back to back in the round; 'first call' is the first step "
           "(for compiled variants: compilation, with the inductor cache's hits/misses); share of peak = model "
-          "FLOPs / step time / this run's measured "
-          f"matmul FLOP/s ({fmt_flops(peaks['fp32'])}FLOP/s fp32, {fmt_flops(peaks['bf16'])}FLOP/s bf16)\n")
+          "FLOPs / step time over the FLOP/s of a 2048^3 matmul (fp32, or bf16 for bf16 paths) timed in the "
+          "same round, median over rounds\n")
     print("| workload | path | images/s | spread | vs eager fp32 | first call (s) | GFLOP/step | achieved FLOP/s | "
           "share of matmul peak |")
     print("|---|---|---|---|---|---|---|---|---|")
-    single_rate = None
     for name in args.optim_workloads:
         workload = workloads([name], batch=args.batch_size)[0]
         variants = list(EAGER_VARIANTS)
@@ -228,9 +232,10 @@ def optim_section(args: argparse.Namespace, peaks: dict[str, float]) -> float | 
             hits, misses = (after - b for after, b in zip(compile_counters(), before, strict=True))
             step.extra["cache"] = f" ({hits} hit/{misses} miss)" if options.compile else ""
             steps[options.label] = step
-        timings = time_round_robin(
-            {label: step.run for label, step in steps.items()}, device, args.optim_rounds, args.optim_calls, log
-        )
+        runs = {label: step.run for label, step in steps.items()}
+        matmuls = {precision: matmul_run(device, dtype) for precision, dtype in PEAK_DTYPES.items()}
+        runs.update({f"matmul {precision}": run for precision, (run, _) in matmuls.items()})
+        timings = time_round_robin(runs, device, args.optim_rounds, args.optim_calls, log)
         flops = step_flops(workload)
         reference = timings[REFERENCE.label]
         best = 1.0
@@ -238,20 +243,15 @@ def optim_section(args: argparse.Namespace, peaks: dict[str, float]) -> float | 
             timing: Timing = timings[label]
             rate = workload.batch / timing.median
             achieved = flops / timing.median
-            peak = peaks[step.options.precision]
+            precision = step.options.precision
+            share = share_of_peak(flops, timing, matmuls[precision][1], timings[f"matmul {precision}"])
             best = max(best, paired_speedup(reference, timing)[0])
             print(f"| {workload.name} | {label} | {rate:.1f} | {timing.spread} | {fmt_speedup(reference, timing)} | "
                   f"{step.first_call_s:.1f}{step.extra['cache']} | {flops / 1e9:.2f} | {fmt_flops(achieved)}FLOP/s | "
-                  f"{100 * achieved / peak:.0f}% of {step.options.precision} |", flush=True)
-        if name == "tiny_single":
-            single_rate = workload.batch / reference.median
+                  f"{100 * share:.0f}% of {precision} |", flush=True)
         if name == "tiny":
             speedup = best
-            tiny_rate = workload.batch / reference.median
         del steps
-    if single_rate is not None and "tiny" in args.optim_workloads:
-        print(f"\nnested fashion_tiny_32x16 vs the single-level UNet (both eager fp32 foreach): "
-              f"{tiny_rate / single_rate:.2f}x images/s")
     return speedup
 
 
@@ -299,12 +299,12 @@ def trainer_section(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Section "official": the official architectures, forward + backward
-def official_section(args: argparse.Namespace, peaks: dict[str, float]) -> None:
+def official_section(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     names = ["official64", "official256", "official256_single"]
     print(f"\n## Official architectures (random weights), batch {args.official_batch}, forward + backward\n")
     print(f"{args.official_rounds} interleaved rounds of 1 step per variant after one warm-up step, median (spread); "
-          "no optimizer step (see the docstring); eager only\n")
+          "no optimizer step (see the docstring); eager only; share of peak as in the optim section\n")
     print("| model | params | path | s/step | images/s | spread | vs eager fp32 | vs single-level | GFLOP/step | "
           "achieved FLOP/s | share of matmul peak |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -319,11 +319,17 @@ def official_section(args: argparse.Namespace, peaks: dict[str, float]) -> None:
             log(f"  building {workload.name} / {options.label} (first step) ...")
             steps[options.label] = build_train_step(workload, options, device, model=model)
             model = steps[options.label].model
-        timings = time_round_robin({k: v.run for k, v in steps.items()}, device, args.official_rounds, 1, log)
-        rows += [(name, workload, flops, step.options, timings[label]) for label, step in steps.items()]
+        runs = {k: v.run for k, v in steps.items()}
+        matmuls = {precision: matmul_run(device, dtype) for precision, dtype in PEAK_DTYPES.items()}
+        runs.update({f"matmul {precision}": run for precision, (run, _) in matmuls.items()})
+        timings = time_round_robin(runs, device, args.official_rounds, 1, log)
+        for label, step in steps.items():
+            precision = step.options.precision
+            share = share_of_peak(flops, timings[label], matmuls[precision][1], timings[f"matmul {precision}"])
+            rows.append((name, workload, flops, step.options, timings[label], share))
         del steps, model
-    measured = {(name, options.precision): timing for name, _, _, options, timing in rows}
-    for name, workload, flops, options, timing in rows:
+    measured = {(name, options.precision): timing for name, _, _, options, timing, _ in rows}
+    for name, workload, flops, options, timing, share in rows:
         reference = measured[(name, "fp32")]
         versus = ""
         if name == "official256":  # images/s over the single-level UNet's at the same precision
@@ -332,7 +338,7 @@ def official_section(args: argparse.Namespace, peaks: dict[str, float]) -> None:
         print(f"| {workload.name} | {workload.parameters / 1e6:.0f}M | {options.label} | {timing.median:.1f} | "
               f"{workload.batch / timing.median:.3f} | {timing.spread} | {fmt_speedup(reference, timing)} | "
               f"{versus} | {flops / 1e9:.0f} | {fmt_flops(achieved)}FLOP/s | "
-              f"{100 * achieved / peaks[options.precision]:.0f}% of {options.precision} |", flush=True)
+              f"{100 * share:.0f}% of {options.precision} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,21 +370,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch_cache.name
 
     print(f"machine: {machine_line()}", flush=True)
-    peaks = {}
-    if {"optim", "official"} & set(args.sections):
-        peaks = {"fp32": matmul_flops_per_s(torch.device("cpu")),
-                 "bf16": matmul_flops_per_s(torch.device("cpu"), torch.bfloat16)}
-        print(f"measured 2048^3 matmul: {fmt_flops(peaks['fp32'])}FLOP/s fp32, {fmt_flops(peaks['bf16'])}FLOP/s bf16 "
-              f"({args.threads} thread(s))", flush=True)
+    peaks = {"fp32": matmul_flops_per_s(torch.device("cpu")),
+             "bf16": matmul_flops_per_s(torch.device("cpu"), torch.bfloat16)}
+    print(f"2048^3 matmul at the start: {fmt_flops(peaks['fp32'])}FLOP/s fp32, {fmt_flops(peaks['bf16'])}FLOP/s bf16 "
+          f"({args.threads} thread(s); the shares of peak below use matmuls timed beside each step)", flush=True)
     speedup = None
     if "presets" in args.sections:
         presets_section(args)
     if "optim" in args.sections:
-        speedup = optim_section(args, peaks)
+        speedup = optim_section(args)
     if "trainer" in args.sections:
         trainer_section(args)
     if "official" in args.sections:
-        official_section(args, peaks)
+        official_section(args)
     print(f"\nload average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"speedup over eager fp32: {speedup:.2f}" if speedup is not None else "speedup over eager fp32: n/a")
     if scratch_cache is not None:
