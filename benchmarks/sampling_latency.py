@@ -44,7 +44,7 @@ from perf_common import (  # noqa: E402
     fmt_speedup,
     machine_line,
     matmul_flops_per_s,
-    matmul_run,
+    peak_runs,
     quiet_compile_logs,
     share_of_peak,
     synchronize,
@@ -153,8 +153,8 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
             synchronize(device)
         first_call[path.label] = os.times().elapsed - start
         runs[path.label] = run
-    matmuls = {"fp32": matmul_run(device, torch.float32), "bf16": matmul_run(device, torch.bfloat16)}
-    runs.update({f"matmul {precision}": run for precision, (run, _) in matmuls.items()})
+    peaks = {"fp32": peak_runs(device, torch.float32), "bf16": peak_runs(device, torch.bfloat16)}
+    runs.update({f"{kind} {p}": run for p, pair in peaks.items() for kind, (run, _) in pair.items()})
     log = (lambda m: print(m, file=sys.stderr, flush=True))  # noqa: E731
     timings = time_round_robin(runs, device, args.rounds, 1, log)
 
@@ -173,7 +173,9 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
         flops = guided_flops / 2 if path.mode == "none" else guided_flops
         achieved = flops / per_step
         precision = path.options.precision
-        share = share_of_peak(flops * args.steps, timing, matmuls[precision][1], timings[f"matmul {precision}"])
+        share = share_of_peak(
+            flops * args.steps, timing, [(f, timings[f"{k} {precision}"]) for k, (_, f) in peaks[precision].items()]
+        )
         compile_note = f"{first_call[path.label]:.1f}" if path.options.compile else f"({first_call[path.label]:.1f})"
         rows.append(
             f"| {workload.name} | {batch} | {path.label} | {per_step * 1e3:.1f} | {timing.spread} | "
@@ -208,13 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine_line(device)}", flush=True)
     peaks = {"fp32": matmul_flops_per_s(device), "bf16": matmul_flops_per_s(device, torch.bfloat16)}
     print(f"2048^3 matmul at the start: {fmt_flops(peaks['fp32'])}FLOP/s fp32, {fmt_flops(peaks['bf16'])}FLOP/s bf16 "
-          "(the shares of peak below use matmuls timed beside each path, in the same rounds)\n")
+          "(the shares of peak below use the faster of a matmul and a 3x3 convolution timed beside each path, in "
+          "the same rounds)\n")
     print(f"DDIM, guidance {GUIDANCE}, {args.steps} steps of the {args.num_inference_steps}-step spacing per round, "
           f"median of {args.rounds} interleaved rounds (spread min..max); 'vs reference': median (min..max) over "
           "rounds of the reference's time over the path's, both measured back to back; first call in s "
           "(compilation for compiled paths; in parentheses: warm-up only)\n")
     print("| model | batch | path | ms/step | spread | vs reference | first call (s) | GFLOP/step | achieved FLOP/s | "
-          "share of matmul peak |")
+          "share of peak |")
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in args.models:
         for row in measure_model(name, args, device):

@@ -59,8 +59,8 @@ from perf_common import (  # noqa: E402
     fmt_speedup,
     machine_line,
     matmul_flops_per_s,
-    matmul_run,
     paired_speedup,
+    peak_runs,
     quiet_compile_logs,
     share_of_peak,
     step_flops,
@@ -213,10 +213,10 @@ def optim_section(args: argparse.Namespace) -> float | None:
           "min..max over rounds); 'vs eager fp32' is the median (min..max) over rounds of the reference's step "
           "time over the variant's, both measured back to back in the round; 'first call' is the first step "
           "(for compiled variants: compilation, with the inductor cache's hits/misses); share of peak = model "
-          "FLOPs / step time over the FLOP/s of a 2048^3 matmul (fp32, or bf16 for bf16 paths) timed in the "
-          "same round, median over rounds\n")
+          "FLOPs / step time over the FLOP/s of the faster of a 2048^3 matmul and a large 3x3 convolution (fp32, or "
+          "bf16 for bf16 paths) timed in the same round, median over rounds\n")
     print("| workload | path | images/s | spread | vs eager fp32 | first call (s) | GFLOP/step | achieved FLOP/s | "
-          "share of matmul peak |")
+          "share of peak |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.optim_workloads:
         workload = workloads([name], batch=args.batch_size)[0]
@@ -233,8 +233,8 @@ def optim_section(args: argparse.Namespace) -> float | None:
             step.extra["cache"] = f" ({hits} hit/{misses} miss)" if options.compile else ""
             steps[options.label] = step
         runs = {label: step.run for label, step in steps.items()}
-        matmuls = {precision: matmul_run(device, dtype) for precision, dtype in PEAK_DTYPES.items()}
-        runs.update({f"matmul {precision}": run for precision, (run, _) in matmuls.items()})
+        peaks = {precision: peak_runs(device, dtype) for precision, dtype in PEAK_DTYPES.items()}
+        runs.update({f"{kind} {p}": run for p, pair in peaks.items() for kind, (run, _) in pair.items()})
         timings = time_round_robin(runs, device, args.optim_rounds, args.optim_calls, log)
         flops = step_flops(workload)
         reference = timings[REFERENCE.label]
@@ -244,7 +244,8 @@ def optim_section(args: argparse.Namespace) -> float | None:
             rate = workload.batch / timing.median
             achieved = flops / timing.median
             precision = step.options.precision
-            share = share_of_peak(flops, timing, matmuls[precision][1], timings[f"matmul {precision}"])
+            references = [(f, timings[f"{kind} {precision}"]) for kind, (_, f) in peaks[precision].items()]
+            share = share_of_peak(flops, timing, references)
             best = max(best, paired_speedup(reference, timing)[0])
             print(f"| {workload.name} | {label} | {rate:.1f} | {timing.spread} | {fmt_speedup(reference, timing)} | "
                   f"{step.first_call_s:.1f}{step.extra['cache']} | {flops / 1e9:.2f} | {fmt_flops(achieved)}FLOP/s | "
@@ -320,12 +321,14 @@ def official_section(args: argparse.Namespace) -> None:
             steps[options.label] = build_train_step(workload, options, device, model=model)
             model = steps[options.label].model
         runs = {k: v.run for k, v in steps.items()}
-        matmuls = {precision: matmul_run(device, dtype) for precision, dtype in PEAK_DTYPES.items()}
-        runs.update({f"matmul {precision}": run for precision, (run, _) in matmuls.items()})
+        peaks = {precision: peak_runs(device, dtype) for precision, dtype in PEAK_DTYPES.items()}
+        runs.update({f"{kind} {p}": run for p, pair in peaks.items() for kind, (run, _) in pair.items()})
         timings = time_round_robin(runs, device, args.official_rounds, 1, log)
         for label, step in steps.items():
             precision = step.options.precision
-            share = share_of_peak(flops, timings[label], matmuls[precision][1], timings[f"matmul {precision}"])
+            share = share_of_peak(
+                flops, timings[label], [(f, timings[f"{k} {precision}"]) for k, (_, f) in peaks[precision].items()]
+            )
             rows.append((name, workload, flops, step.options, timings[label], share))
         del steps, model
     measured = {(name, options.precision): timing for name, _, _, options, timing, _ in rows}
@@ -373,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {"fp32": matmul_flops_per_s(torch.device("cpu")),
              "bf16": matmul_flops_per_s(torch.device("cpu"), torch.bfloat16)}
     print(f"2048^3 matmul at the start: {fmt_flops(peaks['fp32'])}FLOP/s fp32, {fmt_flops(peaks['bf16'])}FLOP/s bf16 "
-          f"({args.threads} thread(s); the shares of peak below use matmuls timed beside each step)", flush=True)
+          f"({args.threads} thread(s)); the shares of peak below use the faster of a matmul and a 3x3 convolution "
+          "timed beside each step", flush=True)
     speedup = None
     if "presets" in args.sections:
         presets_section(args)
