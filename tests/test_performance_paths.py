@@ -1,8 +1,9 @@
 """The optimised code paths compute what the plain ones do (correctness only; speed is in benchmarks/).
 
 CPU: attention heads laid out for the fused SDPA kernels, float32 attention under CPU bf16 autocast,
-bf16 autocast and channels_last against fp32, fused AdamW as the CPU default, the trainer's
-optim.compile wiring (traced whole, without graph breaks), gradient checkpointing's saved activations.
+bf16 autocast and channels_last against fp32, the pipeline's precision="bf16", fused AdamW as the CPU
+default, the trainer's optim.compile wiring (traced whole, without graph breaks), gradient
+checkpointing's saved activations.
 CUDA (`-m cuda`, run by benchmarks/gpu_check.sh): bf16 autocast against fp32, torch.compile against
 eager, a training run on the GPU with at most one host-device synchronisation per step, and a sampler
 loop without any.
@@ -163,6 +164,30 @@ def test_channels_last_training_step_matches_contiguous():
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-6)
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+
+
+def test_pipeline_bf16_option_runs_the_network_in_bf16_and_stays_close_to_fp32():
+    from matryoshka.model_dir import MDMConfig
+    from matryoshka.pipeline import MatryoshkaPipeline
+
+    model = random_model()
+    pipe = MatryoshkaPipeline(model, MDMConfig(model=model.config, diffusion=DiffusionConfig()))
+    dtypes = []
+    model.conv_out.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+
+    def generate(precision: str) -> list[torch.Tensor]:
+        return pipe(class_labels=[1, 7], num_inference_steps=4, guidance_scale=2.0, generator=0, progress=False,
+                    precision=precision).tensors
+
+    full = generate("fp32")
+    calls = len(dtypes)
+    low = generate("bf16")
+    assert set(dtypes[:calls]) == {torch.float32} and set(dtypes[calls:]) == {torch.bfloat16}
+    for a, b in zip(low, full, strict=True):
+        assert a.dtype == torch.float32 and not torch.equal(a, b)
+        assert relative_error(a, b) < 0.1
+    with pytest.raises(ValueError, match="precision"):
+        pipe(class_labels=[1], num_inference_steps=2, precision="fp16", progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
