@@ -315,8 +315,19 @@ def test_cuda_training_run_syncs_at_most_once_per_step(tmp_path: Path):
     """A bf16 run on the GPU trains (finite, falling loss); the steps between logs synchronise with the
     host at most once each (the NaN/inf check before the optimizer step): the difference between a
     run of 2N and of N steps, which share all the one-off work (set-up, logging at the end, export)."""
+    # A labelled image folder, so that the GPU machine needs no Fashion-MNIST files.
+    from PIL import Image
+
+    for i in range(64):
+        folder = tmp_path / "images" / ("light" if i % 2 else "dark")
+        folder.mkdir(parents=True, exist_ok=True)
+        ramp = torch.linspace(0, 1, 16)[None, :] * torch.linspace(0, 1, 16)[:, None] * (i % 7 + 1) / 7
+        pixels = ((ramp if i % 2 else 1 - ramp) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")  # 8-bit grey
     base = ["device=cuda", "optim.precision=bf16", "logging.sample_count=0", "checkpoint.every=0",
-            "logging.every=1000", "data.batch_size=16", "optim.lr=3e-3"]
+            "logging.every=1000", "data.batch_size=16", "optim.lr=3e-3", "data.dataset=folder",
+            f"data.path={tmp_path / 'images'}", "data.labels=true", "data.captions=false", "data.limit=null",
+            "mdm.model.num_classes=2"]
     train(tiny_config([*base, "stages=[{levels: 2, steps: 2}]"]), tmp_path / "warm")  # CUDA, cuDNN set-up
     counts = {}
     for steps in (4, 8):
