@@ -17,7 +17,7 @@ number of steps at the same batch (so see the same images; (a)'s step is ~11% ch
 (d)'s step counts are set so that its cheaper core-only steps plus its nested steps add up to (c)'s
 FLOPs. Every arm is evaluated at the same fractions of its FLOP budget.
 
-    python benchmarks/ablation.py --classifier runs/fashion-classifier      # ~45-60 min on 2 busy cores
+    python benchmarks/ablation.py --classifier runs/fashion-classifier      # ~75 min on 2 busy cores
     python benchmarks/ablation.py --quick                                   # a 2-minute smoke run
 
 Outputs: RUNS/<arm>/ (the training run, eval/step-N/report.json + sample grids), RUNS/results.json,
