@@ -118,7 +118,7 @@ def test_attention_runs_the_fused_flash_kernel_and_matches_explicit_softmax_atte
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_cpu_bf16_attention_is_computed_in_float32_and_keeps_its_dtype():
+def test_cpu_bf16_attention_is_computed_in_float32_below_1024_keys_and_keeps_its_dtype():
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, 40, 16, generator=generator).bfloat16().requires_grad_() for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -128,6 +128,11 @@ def test_cpu_bf16_attention_is_computed_in_float32_and_keeps_its_dtype():
     assert torch.equal(out, expected)  # a bf16 kernel would round its intermediate results differently
     out.float().square().sum().backward()
     assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
+
+    # From 1024 keys on, the CPU's bf16 kernel is the faster one: it is used.
+    q, k, v = (torch.randn(1, 1, 1024, 16, generator=generator).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
 # ------------------------------------------------------------------------------------------------

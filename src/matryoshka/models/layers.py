@@ -51,14 +51,16 @@ class SinusoidalEmbedding(nn.Module):
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """F.scaled_dot_product_attention, computed in float32 on the CPU.
+    """F.scaled_dot_product_attention, computed in float32 on the CPU for fewer than 1024 keys.
 
     q (N, heads, L, d), k and v (N, heads, S, d), mask broadcastable to (N, heads, L, S), True = attend.
-    The CPU's bf16/fp16 attention kernels are slower than its fp32 ones (the backward up to 10x at
-    small head sizes; BENCHMARKS.md, "Performance"), so under CPU autocast attention alone stays in
-    float32 (the convolutions, where bf16 pays, do not); on CUDA the low-precision kernels are the fast ones.
+    The CPU's bf16/fp16 attention kernels are slower than its fp32 ones unless there are many keys
+    (forward + backward: 2-7x slower at S <= 256 with small heads, 1.1-1.4x faster from S = 1024 on;
+    benchmarks/attention_kernels.py, BENCHMARKS.md "Performance"), so under CPU autocast such
+    attention runs in float32 (the convolutions, where bf16 pays, do not). On CUDA the low-precision
+    kernels are the fast ones.
     """
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-2] < 1024:
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
         return out.to(q.dtype)
