@@ -307,7 +307,7 @@ def official_section(args: argparse.Namespace) -> None:
     print(f"{args.official_rounds} interleaved rounds of 1 step per variant after one warm-up step, median (spread); "
           "no optimizer step (see the docstring); eager only; share of peak as in the optim section\n")
     print("| model | params | path | s/step | images/s | spread | vs eager fp32 | vs single-level | GFLOP/step | "
-          "achieved FLOP/s | share of matmul peak |")
+          "achieved FLOP/s | share of peak |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []  # (workload, flops, label, options, timing)
     for name in names:
