@@ -7,7 +7,7 @@ AdamW, EMA) for a few logging windows each; images/s comes from the trainer's ow
 first (warm-up) window. Configurations are measured round-robin, `--repeats` times, and the median is
 reported, so that a shared machine's changing load hits all of them alike.
 
-    python benchmarks/train_throughput.py                 # ~30 minutes on 2 busy cores (all sections)
+    python benchmarks/train_throughput.py                 # 15-30 minutes on 2 busy cores (all sections)
     python benchmarks/train_throughput.py --threads 2 --steps 60 --repeats 5
 
 The "schedule" rows give the throughput of a preset's whole progressive schedule: its images divided
@@ -20,7 +20,8 @@ Further sections (all by default; pick with --sections):
   AdamW (the trainer's step before this work; the 1.00x reference) against fused AdamW, channels_last,
   bf16 autocast and torch.compile, measured round-robin in one process. Compilation is timed apart
   from the steady state (first call, with the inductor cache's hits and misses). Model FLOPs per step
-  (torch.utils.flop_counter) over the step time, as a share of this run's measured matmul FLOP/s.
+  (torch.utils.flop_counter) over the step time, as a share of the FLOP/s of the faster of a 2048^3
+  matmul and a large 3x3 convolution timed in the same rounds (perf_common.peak_runs).
 - trainer: the real trainer with the winning options (optim.precision, optim.compile, fused AdamW)
   against its eager fp32 foreach path, on fashion_tiny_32x16's nested stage (images/s from its logs).
 - official: the official ml-mdm architectures with random weights (configs/t2i_256.yaml: the 64 px
@@ -30,9 +31,10 @@ Further sections (all by default; pick with --sections):
   (compiling a 461M-parameter model takes too long on a small CPU; gpu_check.sh measures it on a GPU).
 
 The last line is `speedup over eager fp32: X.XX`, the best optimised step of fashion_tiny_32x16 over
-its eager fp32 step (optim section), or n/a without that section.
+its eager fp32 step (optim section; the median over rounds of the two step times' ratio in each round),
+or n/a without that section.
 
-    python benchmarks/train_throughput.py --sections optim           # the speedup alone (~5 min)
+    python benchmarks/train_throughput.py --sections optim           # the speedup alone (2-5 min)
     python benchmarks/train_throughput.py --fresh-compile-cache      # compile times without cache hits
 """
 
