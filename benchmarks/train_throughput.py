@@ -237,6 +237,10 @@ def optim_section(args: argparse.Namespace) -> float | None:
         runs = {label: step.run for label, step in steps.items()}
         peaks = {precision: peak_runs(device, dtype) for precision, dtype in PEAK_DTYPES.items()}
         runs.update({f"{kind} {p}": run for p, pair in peaks.items() for kind, (run, _) in pair.items()})
+        single = None
+        if name == "tiny":  # the single-level UNet's reference step in the same rounds, for a paired ratio
+            single = workloads(["tiny_single"], batch=args.batch_size)[0]
+            runs["single-level"] = build_train_step(single, REFERENCE, device).run
         timings = time_round_robin(runs, device, args.optim_rounds, args.optim_calls, log)
         flops = step_flops(workload)
         reference = timings[REFERENCE.label]
@@ -254,6 +258,11 @@ def optim_section(args: argparse.Namespace) -> float | None:
                   f"{100 * share:.0f}% of {precision} |", flush=True)
         if name == "tiny":
             speedup = best
+        if single is not None:  # images/s over the single-level UNet's (same batch): its time over ours
+            fastest = max(steps, key=lambda label: paired_speedup(reference, timings[label])[0])
+            print(f"\n{workload.name} vs the single-level UNet's eager fp32 foreach step, in the same rounds: "
+                  f"{fmt_speedup(timings['single-level'], reference)} images/s in eager fp32, "
+                  f"{fmt_speedup(timings['single-level'], timings[fastest])} with {fastest}\n", flush=True)
         del steps
     return speedup
 
