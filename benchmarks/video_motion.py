@@ -7,9 +7,13 @@ classified as moving in the asked direction, next to:
   real    held-out real clips (the classifier's own ceiling);
   still   the generated clips with their first frame repeated (a model that draws the item but never
           moves it);
-  random  a uniformly random direction per clip (what ignoring the caption's direction scores).
-A training-free cross-check follows the brightness centroid: its direction accuracy and its mean
-velocity along the asked direction (pixels per frame; real clips move 2).
+  random  a uniformly random direction per clip (what ignoring the caption's direction scores; the
+          expected values, 25% per direction and 50% for the axis).
+"right axis" counts clips moving along the asked axis (horizontal for left/right, vertical for up/down)
+whatever their sign. A training-free cross-check follows the brightness centroid: its direction
+accuracy, its mean velocity along the asked direction (pixels per frame, signed: real clips +2) and its
+speed along the asked axis (the mean of that velocity's magnitude: motion of either sign); the lower
+levels' centroids are given too (in top-level pixels per top-level frame).
 
     OMP_NUM_THREADS=1 python benchmarks/video_motion.py --model runs/video-tiny/model \
         --classifier runs/motion-classifier --samples runs/video-tiny/motion-samples
@@ -72,11 +76,21 @@ def scores(predicted: torch.Tensor, clips: torch.Tensor | None, asked: torch.Ten
     """Per-direction and overall accuracy of `predicted` classes; centroid measures of `clips`."""
     row = {name: float((predicted[asked == d] == d).float().mean()) for d, name in enumerate(DIRECTIONS)}
     row["all"] = float((predicted == asked).float().mean())
+    # Right axis (left/right vs up/down), either sign: separates "moves sideways when asked to" from the sign.
+    row["axis"] = float(((predicted != STILL) & (predicted // 2 == asked // 2)).float().mean())
     row["still"] = float((predicted == STILL).float().mean())
     if clips is not None:
+        along = velocity_along(centroid_motion(clips), asked)
         row["centroid"] = float((centroid_directions(clips) == asked).float().mean())
-        row["velocity"] = float(velocity_along(centroid_motion(clips), asked).mean())
+        row["velocity"] = float(along.mean())
+        row["speed"] = float(along.abs().mean())
     return row
+
+
+def chance_row() -> dict:
+    """The expected scores of a uniformly random direction (no sampling noise)."""
+    share = 1 / len(DIRECTIONS)
+    return {**{name: share for name in DIRECTIONS}, "all": share, "axis": 2 * share, "still": 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,27 +116,38 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     for guidance in [float(g) for g in args.guidance.split(",")]:
         started = time.perf_counter()
-        clips = []
+        clips, lower = [], []
         for d in range(len(DIRECTIONS)):
             out = pipe(captions[d * n : (d + 1) * n], num_inference_steps=args.steps, guidance_scale=guidance,
                        sampler=args.sampler, generator=args.seed + d, progress=False)
             clips.append(out.tensors[0])
+            lower.append(out.tensors[1:])
             if args.samples:
                 save_video(tile_videos(out.tensors[0]), args.samples / f"w{guidance:g}-{DIRECTIONS[d]}.gif", upscale=2)
         generated = torch.cat(clips)
         timings[guidance] = time.perf_counter() - started
         rows[f"generated, w={guidance:g}"] = scores(predict_directions(motion, generated), generated, asked)
+        for r in range(1, config.num_levels):  # the centroid of the lower levels, in top-level pixels
+            level = torch.cat([levels[r - 1] for levels in lower])
+            factor = config.sizes[0] / config.sizes[r] * config.frames[r] / config.frames[0]
+            along = velocity_along(centroid_motion(level), asked) * factor
+            row = {"centroid": float((centroid_directions(level) == asked).float().mean()),
+                   "velocity": float(along.mean()), "speed": float(along.abs().mean())}
+            rows[f"generated, w={guidance:g}, level {r} ({config.frames[r]}x{config.sizes[r]} px)"] = row
         still = generated[:, :, :1].expand_as(generated)
         rows[f"still (w={guidance:g} first frames)"] = scores(predict_directions(motion, still), still, asked)
-    chance = torch.randint(0, len(DIRECTIONS), asked.shape, generator=torch.Generator().manual_seed(args.seed))
-    rows["random direction"] = scores(chance, None, asked)
+    rows["random direction (expected)"] = chance_row()
 
-    header = "| clips | " + " | ".join(DIRECTIONS) + " | all | classified still | centroid acc | velocity (px/frame) |"
+    header = ("| clips | " + " | ".join(DIRECTIONS)
+              + " | all | right axis | classified still | centroid acc | velocity | speed |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name, row in rows.items():
-        cells = [f"{100 * row[d]:.0f}%" for d in (*DIRECTIONS, "all", "still")]
-        cells += [f"{100 * row['centroid']:.0f}%", f"{row['velocity']:+.2f}"] if "centroid" in row else ["-", "-"]
+        cells = [f"{100 * row[d]:.0f}%" if d in row else "-" for d in (*DIRECTIONS, "all", "axis", "still")]
+        cells += (
+            [f"{100 * row['centroid']:.0f}%", f"{row['velocity']:+.2f}", f"{row['speed']:.2f}"]
+            if "centroid" in row else ["-", "-", "-"]
+        )
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\n{n} clips per direction, {args.steps} {args.sampler} steps; classifier classes: "
           f"{', '.join(MOTION_CLASSES)}; sampling time: "
