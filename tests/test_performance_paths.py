@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from matryoshka import sampling
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.models import NestedUNet
-from matryoshka.models.layers import Attention, attention
+from matryoshka.models.layers import Attention, GroupNorm, attention
 from matryoshka.schedule import spaced_timesteps
 from matryoshka.training import read_metrics, train
 from matryoshka.training.config import OptimConfig
@@ -169,6 +169,31 @@ def test_channels_last_training_step_matches_contiguous():
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-6)
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+
+
+def test_groupnorm_normalises_channels_last_bf16_in_float32_and_matches_torch():
+    """The channels-last bf16 CPU path (float32 inside, torch's fast kernel) gives torch's GroupNorm
+    result, keeps dtype and memory format, and passes gradients to the input and both parameters."""
+    generator = torch.Generator().manual_seed(0)
+    norm = GroupNorm(4, 16)
+    torch.nn.init.normal_(norm.weight, generator=generator)
+    torch.nn.init.normal_(norm.bias, generator=generator)
+    x = (3 * torch.randn(2, 16, 8, 8, generator=generator) + 1).bfloat16()
+    x_last = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x_last)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    expected = F.group_norm(x.float(), 4, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=2e-2)  # bf16 rounding of the output only
+    out.float().sum().backward()
+    assert x_last.grad is not None and x_last.grad.dtype == torch.bfloat16
+    assert norm.weight.grad is not None and norm.bias.grad is not None
+    torch.testing.assert_close(norm.bias.grad, torch.full((16,), 128.0))  # d(sum)/d(bias) = pixels x batch
+    # Everything else (fp32, channels-first bf16) is torch's own module, bit for bit.
+    plain = torch.nn.GroupNorm(4, 16)
+    plain.load_state_dict(norm.state_dict())
+    for tensor in (x.float(), x):
+        assert torch.equal(norm(tensor), plain(tensor))
 
 
 def test_pipeline_bf16_option_runs_the_network_in_bf16_and_stays_close_to_fp32():

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from matryoshka.models.config import LevelConfig, ModelConfig
 from matryoshka.models.layers import (
+    GroupNorm,
     ResNetBlock,
     SinusoidalEmbedding,
     TextHeadLayer,
@@ -119,7 +120,7 @@ class NestedUNet(nn.Module):
             blocks.append(self._block(in_out, level, i, cond_dim, attention_groups, "up" if i != 0 else None))
         self.up_blocks = nn.ModuleList(blocks)
 
-        self.norm_out = nn.GroupNorm(level.norm_groups, width)
+        self.norm_out = GroupNorm(level.norm_groups, width)
         self.conv_out = zero_init(nn.Conv2d(width, config.output_channels, 3, padding=1))
 
         if not self.is_core:
