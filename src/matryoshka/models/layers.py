@@ -71,7 +71,7 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm that normalises channels-last bf16/fp16 CPU activations in float32.
 
     Same parameters and result as nn.GroupNorm. torch's CPU GroupNorm is fast for channels-first
-    tensors of any dtype and for channels-last float32 ones, but its channels-last bf16 kernel is 5-13x
+    tensors of any dtype and for channels-last float32 ones, but its channels-last bf16 kernel is 6-14x
     slower than the channels-first one (forward + backward, 16-64 channels, 8 groups); that alone made
     channels_last lose under bf16 autocast although its convolutions are 1.2-1.6x faster. The output
     keeps the input's dtype.
