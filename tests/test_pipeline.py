@@ -266,6 +266,30 @@ def test_cli_grid_and_levels(text_model_dir, tmp_path):
     assert Image.open(level_path(out, 1)).size == (2 * 18 + 2, 2 * 18 + 2)
 
 
+def test_cli_precision_bf16_reaches_the_pipeline_and_stays_close_to_fp32(text_model_dir, tmp_path, monkeypatch):
+    from matryoshka.pipeline import MatryoshkaPipeline
+
+    seen = []
+    call = MatryoshkaPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("precision"))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(MatryoshkaPipeline, "__call__", spy)
+    pictures = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.png"
+        argv = ["generate", "a red cat", "--model", str(text_model_dir), "--steps", "3", "--seed", "0",
+                "--quiet", "--precision", precision, "--out", str(out)]
+        assert cli.main(argv) == 0
+        pictures[precision] = np.asarray(Image.open(out), dtype=np.float64)
+    assert seen == ["fp32", "bf16"]
+    difference = np.abs(pictures["bf16"] - pictures["fp32"])
+    assert difference.max() > 0  # bf16 did run: its rounding changes some pixels
+    assert difference.mean() < 8  # out of 255: the same pictures
+
+
 def test_cli_errors_are_clear(text_model_dir, tmp_path, capsys, monkeypatch):
     from matryoshka.commands import generate as command
 
