@@ -354,3 +354,36 @@ def test_caption_dropout_uses_the_unconditional_embedding(tmp_path: Path):
     assert torch.allclose(kwargs["text_states"][1, :m], direct.states[0, :m], atol=1e-6)
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2  # "" and "a bag"; the dropped one never
     assert not math.isnan(float(kwargs["text_states"].sum()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Resuming across library versions
+def test_resume_check_accepts_a_checkpoint_written_before_a_config_field_existed():
+    """A model-config field added to the library since the checkpoint was written takes its default:
+    the run resumes. A real change is refused, naming the field; an unreadable config is refused too."""
+    from matryoshka.training.loop import check_resumable
+    from matryoshka.typed_config import ConfigError, to_dict
+
+    config = tiny_config()
+    saved = {"config": to_dict(config)}
+    check_resumable(config, saved)
+
+    older = to_dict(config)
+    del older["mdm"]["model"]["levels"][0]["num_heads"]  # as written by a version without this field
+    del older["mdm"]["diffusion"]["shift_power"]
+    check_resumable(config, {"config": older})
+
+    changed = to_dict(config)
+    changed["mdm"]["model"]["levels"][-1]["channels"][0] += 8
+    with pytest.raises(ConfigError, match=r"mdm\.model\.levels\[1\]\.channels\[0\]"):
+        check_resumable(config, {"config": changed})
+
+    unreadable = to_dict(config)
+    unreadable["mdm"]["model"]["no_such_option"] = 1
+    with pytest.raises(ConfigError, match="cannot read.*no_such_option"):
+        check_resumable(config, {"config": unreadable})
+
+    other_stages = to_dict(config)
+    other_stages["stages"][0]["steps"] += 1
+    with pytest.raises(ConfigError, match="stages"):
+        check_resumable(config, {"config": other_stages})

@@ -49,7 +49,7 @@ from matryoshka.training.noise import draw
 from matryoshka.training.optim import learning_rate, make_optimizer
 from matryoshka.training.previews import pyramid_grid, sample_pyramid, save_grid
 from matryoshka.training.stages import initial_models, stage_mdm_config
-from matryoshka.typed_config import ConfigError, save_yaml, to_dict
+from matryoshka.typed_config import ConfigError, from_dict, save_yaml, to_dict
 
 
 class NonFiniteLossError(RuntimeError):
@@ -519,11 +519,32 @@ def per_rank(saved: dict[str, Any], key: str, runtime: distributed.Runtime) -> A
     return None
 
 
+def _differences(old: Any, new: Any, path: str) -> list[str]:
+    """Dotted paths where two plain config trees (to_dict output) differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for key in keys for d in _differences(old.get(key), new.get(key), f"{path}.{key}")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new, strict=True)) for d in _differences(a, b, f"{path}[{i}]")]
+    return [] if old == new else [path]
+
+
 def check_resumable(config: TrainConfig, saved: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint with a different model or stage layout."""
     old = saved.get("config", {})
-    if old.get("mdm") != to_dict(config.mdm):
-        raise ConfigError("mdm", "differs from the config of the checkpoint being resumed; use a new --out")
+    try:
+        # Through the dataclass, so that a field added to the library since the checkpoint was written
+        # takes its default instead of counting as a difference.
+        old_mdm = to_dict(from_dict(MDMConfig, old.get("mdm")))
+    except ConfigError as error:
+        message = f"the checkpoint being resumed has a config this version cannot read ({error})"
+        raise ConfigError("mdm", message) from None
+    changed = _differences(old_mdm, to_dict(config.mdm), "mdm")
+    if changed:
+        raise ConfigError(
+            "mdm", f"differs from the config of the checkpoint being resumed at {', '.join(changed[:5])}; "
+            "use a new --out"
+        )
     layout = [(s["levels"], s["steps"]) for s in old.get("stages", [])]
     if layout != [(s.levels, s.steps) for s in config.stages]:
         raise ConfigError(
