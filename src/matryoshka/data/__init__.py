@@ -15,7 +15,7 @@ from .captions import (
 from .decoding import IMAGE_EXTENSIONS, decode_caption, decode_image
 from .fashion_mnist import CLASS_NAMES, DatasetNotFoundError, FashionMNIST, load_arrays
 from .faults import FAILURE_KINDS, NOTE_KINDS, DataFaultError, FaultCounter, SampleFault
-from .folders import ImageFolderDataset
+from .folders import FaultTolerantFolder, ImageFolderDataset
 from .transforms import (
     convert_channels,
     make_grid,
@@ -38,6 +38,7 @@ __all__ = [
     "DatasetNotFoundError",
     "FashionMNIST",
     "FaultCounter",
+    "FaultTolerantFolder",
     "ImageFolderDataset",
     "SampleFault",
     "ShardDataset",

@@ -20,7 +20,70 @@ from .decoding import (
 from .faults import DataFaultError, FaultCounter, SampleFault
 
 
-class ImageFolderDataset(Dataset):
+class FaultTolerantFolder(Dataset):
+    """A sorted list of files under a folder, each decoded by `_load`; bad files are counted and skipped.
+
+    Subclasses set `self.paths`, `self.root`, `self.faults`, `self.max_caption_chars` and implement
+    `_load(index, count_notes)`, raising SampleFault for a bad file. `__getitem__` counts the outcome of
+    the requested index exactly once per request (so that over an epoch the counts equal the numbers of
+    good and bad files) and substitutes the next good file, uncounted, for a bad one.
+    """
+
+    kind = "files"  # what the files are, for messages: "images", "videos"
+    paths: list[Path]
+    root: Path
+    faults: FaultCounter
+    max_caption_chars: int
+    _known_bad: dict[int, str]  # per process: index -> fault kind, so bad files are not decoded again
+
+    @staticmethod
+    def find(root: Path, extensions: set[str] | frozenset[str], kind: str) -> list[Path]:
+        """Files under `root` (recursively) with one of `extensions` (case-insensitive), sorted."""
+        paths = sorted(p for p in root.rglob("*") if p.suffix[1:].lower() in extensions and p.is_file())
+        if not paths:
+            raise ValueError(f"no {kind} found under {root} (looked for: {', '.join(sorted(extensions))})")
+        return paths
+
+    def sidecar_caption(self, path: Path, count_notes: bool) -> str:
+        """`path`'s caption from the .txt file beside it, cleaned; "" when there is none."""
+        sidecar = path.with_suffix(".txt")
+        raw = read_file_bytes(sidecar, None) if sidecar.is_file() else None
+        notes = self.faults if count_notes else None
+        return clean_caption(raw, max_chars=self.max_caption_chars, required=False, faults=notes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, index: int, count_notes: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _try(self, index: int, count_notes: bool) -> dict[str, Any] | SampleFault:
+        if index in self._known_bad:
+            return SampleFault(self._known_bad[index])
+        try:
+            return self._load(index, count_notes)
+        except SampleFault as fault:
+            self._known_bad[index] = fault.kind
+            return fault
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} {self.kind} in {self.root}")
+        index %= n
+        result = self._try(index, count_notes=True)
+        if not isinstance(result, SampleFault):
+            self.faults.record_ok()
+            return result
+        self.faults.record_failure(result.kind)
+        for offset in range(1, n):
+            substitute = self._try((index + offset) % n, count_notes=False)
+            if not isinstance(substitute, SampleFault):
+                return substitute
+        raise DataFaultError(f"none of the {n} {self.kind} under {self.root} could be loaded: {self.faults.report()}")
+
+
+class ImageFolderDataset(FaultTolerantFolder):
     """Images under `root` as `{"image": (C, S, S) float in [-1, 1], "label": -1, "caption": str}`.
 
     Each image is resized (shorter side to `image_size`, bicubic) and centre-cropped. With `captions=True`,
@@ -40,6 +103,8 @@ class ImageFolderDataset(Dataset):
         max_image_bytes: larger files are skipped (and counted) without being read.
     """
 
+    kind = "images"
+
     def __init__(
         self,
         root: str | os.PathLike[str],
@@ -57,21 +122,11 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
-        self.paths: list[Path] = sorted(
-            p for p in self.root.rglob("*") if p.suffix[1:].lower() in IMAGE_EXTENSIONS and p.is_file()
-        )
-        if not self.paths:
-            raise ValueError(
-                f"no images found under {self.root} (looked for: {', '.join(sorted(IMAGE_EXTENSIONS))})"
-            )
+        self.paths = self.find(self.root, IMAGE_EXTENSIONS, self.kind)
         self.image_size, self.channels, self.captions = image_size, channels, captions
         self.faults = faults if faults is not None else FaultCounter()
         self.max_caption_chars, self.max_image_bytes = max_caption_chars, max_image_bytes
-        # Per process: index -> fault kind, so known-bad items are skipped without decoding them again.
-        self._known_bad: dict[int, str] = {}
-
-    def __len__(self) -> int:
-        return len(self.paths)
+        self._known_bad = {}
 
     def _load(self, index: int, count_notes: bool) -> dict[str, Any]:
         """Decode one item or raise SampleFault; caption notes are counted only when `count_notes`."""
@@ -79,37 +134,5 @@ class ImageFolderDataset(Dataset):
         image: torch.Tensor = decode_image(
             read_file_bytes(path, self.max_image_bytes), self.image_size, self.channels
         )
-        caption = ""
-        if self.captions:
-            sidecar = path.with_suffix(".txt")
-            raw = read_file_bytes(sidecar, None) if sidecar.is_file() else None
-            notes = self.faults if count_notes else None
-            caption = clean_caption(raw, max_chars=self.max_caption_chars, required=False, faults=notes)
+        caption = self.sidecar_caption(path, count_notes) if self.captions else ""
         return {"image": image, "label": -1, "caption": caption}
-
-    def _try(self, index: int, count_notes: bool) -> dict[str, Any] | SampleFault:
-        if index in self._known_bad:
-            return SampleFault(self._known_bad[index])
-        try:
-            return self._load(index, count_notes)
-        except SampleFault as fault:
-            self._known_bad[index] = fault.kind
-            return fault
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} images in {self.root}")
-        index %= n
-        # The outcome of `index` itself is counted exactly once per request, so that over an epoch the
-        # counts equal the number of good and bad files; substitutes found on the way are not counted.
-        result = self._try(index, count_notes=True)
-        if not isinstance(result, SampleFault):
-            self.faults.record_ok()
-            return result
-        self.faults.record_failure(result.kind)
-        for offset in range(1, n):
-            substitute = self._try((index + offset) % n, count_notes=False)
-            if not isinstance(substitute, SampleFault):
-                return substitute
-        raise DataFaultError(f"none of the {n} images under {self.root} could be loaded: {self.faults.report()}")

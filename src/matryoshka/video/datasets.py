@@ -12,9 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
-
-from matryoshka.data import DataFaultError, FaultCounter, SampleFault, ShardDataset
+from matryoshka.data import FaultCounter, FaultTolerantFolder, SampleFault, ShardDataset
 from matryoshka.data.decoding import DEFAULT_MAX_CAPTION_CHARS, DEFAULT_MAX_IMAGE_BYTES, clean_caption, read_file_bytes
 
 from .decoding import VIDEO_EXTENSIONS, decode_clip
@@ -35,7 +33,7 @@ def _check_clip_args(num_frames: int, image_size: int, channels: int, stride: in
         raise ValueError(f"stride must be >= 1, got {stride}")
 
 
-class VideoFolderDataset(Dataset):
+class VideoFolderDataset(FaultTolerantFolder):
     """Videos under `root` (recursively; mp4, webm, gif, mkv, avi, mov, ...) as clips of `num_frames` frames.
 
     `clip.mp4` takes its caption from `clip.txt` beside it ("" when there is none). Frames are taken
@@ -43,6 +41,8 @@ class VideoFolderDataset(Dataset):
     random_start=True. A bad file is counted once per request in `faults` and replaced by the next good
     one, so a DataLoader never crashes on it; `faults` raises DataFaultError once too many are bad.
     """
+
+    kind = "videos"
 
     def __init__(
         self,
@@ -62,24 +62,17 @@ class VideoFolderDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"video folder {self.root} does not exist or is not a directory")
-        self.paths: list[Path] = sorted(
-            p for p in self.root.rglob("*") if p.suffix[1:].lower() in VIDEO_EXTENSIONS and p.is_file()
-        )
-        if not self.paths:
-            raise ValueError(f"no videos found under {self.root} (looked for: {', '.join(sorted(VIDEO_EXTENSIONS))})")
+        self.paths = self.find(self.root, VIDEO_EXTENSIONS, self.kind)
         self.num_frames, self.image_size, self.channels, self.stride = num_frames, image_size, channels, stride
         self.random_start, self.seed, self.captions = random_start, seed, captions
         self.faults = faults if faults is not None else FaultCounter()
         self.max_caption_chars, self.max_video_bytes = max_caption_chars, max_video_bytes
         self.epoch = 0
-        self._known_bad: dict[int, str] = {}  # per process: skip known-bad files without decoding again
+        self._known_bad = {}
 
     def set_epoch(self, epoch: int) -> None:
         """Vary the random starts per epoch."""
         self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def _load(self, index: int, count_notes: bool) -> dict[str, Any]:
         path = self.paths[index]
@@ -89,39 +82,8 @@ class VideoFolderDataset(Dataset):
             data, self.num_frames, self.image_size, self.channels, self.stride,
             start=None if self.random_start else 0, rng=rng,
         )
-        caption = ""
-        if self.captions:
-            sidecar = path.with_suffix(".txt")
-            raw = read_file_bytes(sidecar, None) if sidecar.is_file() else None
-            caption = clean_caption(
-                raw, max_chars=self.max_caption_chars, required=False, faults=self.faults if count_notes else None
-            )
+        caption = self.sidecar_caption(path, count_notes) if self.captions else ""
         return {"video": video, "caption": caption, "label": -1}
-
-    def _try(self, index: int, count_notes: bool) -> dict[str, Any] | SampleFault:
-        if index in self._known_bad:
-            return SampleFault(self._known_bad[index])
-        try:
-            return self._load(index, count_notes)
-        except SampleFault as fault:
-            self._known_bad[index] = fault.kind
-            return fault
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} videos in {self.root}")
-        index %= n
-        result = self._try(index, count_notes=True)
-        if not isinstance(result, SampleFault):
-            self.faults.record_ok()
-            return result
-        self.faults.record_failure(result.kind)
-        for offset in range(1, n):  # substitutes are not counted: each file's outcome counts once
-            substitute = self._try((index + offset) % n, count_notes=False)
-            if not isinstance(substitute, SampleFault):
-                return substitute
-        raise DataFaultError(f"none of the {n} videos under {self.root} could be loaded: {self.faults.report()}")
 
 
 class VideoShardDataset(ShardDataset):
