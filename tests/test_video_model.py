@@ -112,8 +112,10 @@ def image_config(levels: int = 2, **kwargs) -> ModelConfig:
     return ModelConfig(levels=[*outer, core], image_size=4 * 2**levels, in_channels=1, **kwargs)
 
 
-def video_config(image: ModelConfig, num_frames: int = T, ratios: list[int] | None = None, extra_levels: int = 0):
-    levels = [dataclasses.replace(lv, temporal_attention_layers=[1] * len(lv.channels), temporal_conv=True)
+def video_config(image: ModelConfig, num_frames: int = T, ratios: list[int] | None = None, extra_levels: int = 0,
+                 frame_embedding: bool = False):
+    levels = [dataclasses.replace(lv, temporal_attention_layers=[1] * len(lv.channels), temporal_conv=True,
+                                  frame_embedding=frame_embedding)
               for lv in image.levels]
     for _ in range(extra_levels):
         levels.insert(0, LevelConfig([8, 8], [1, 1], norm_groups=4, temb_dim=32, temporal_conv=True))
@@ -152,14 +154,17 @@ def _per_frame(model: NestedUNet, levels: list[torch.Tensor], t: torch.Tensor, t
     return [o.reshape(b, frames, *o.shape[1:]).transpose(1, 2) for o in out]
 
 
-def test_inflated_model_equals_the_image_model_frame_by_frame():
+@pytest.mark.parametrize("frame_embedding", [False, True])
+def test_inflated_model_equals_the_image_model_frame_by_frame(frame_embedding):
     image = image_config(2)
     model = _random_image_model(image)
-    video_cfg = video_config(image)
+    video_cfg = video_config(image, frame_embedding=frame_embedding)
     video = inflate_image_model(model, video_cfg)
     assert temporal_parameters(video)
-    outputs = [p for n, p in video.named_parameters() if "t_layers" in n and ("proj_out" in n or ".conv." in n)]
+    outputs = [p for n, p in video.named_parameters()
+               if ("t_layers" in n and ("proj_out" in n or ".conv." in n)) or "frame_emb.1." in n]
     assert outputs and all(p.abs().max() == 0 for p in outputs)  # new temporal layers start at zero
+    assert any("frame_emb" in n for n, _ in video.named_parameters()) == frame_embedding
     levels, t = _video_pyramid(video_cfg), torch.tensor([17, 640])
     text, mask = _cond()
     with torch.no_grad():
@@ -280,3 +285,29 @@ def test_temporal_layers_need_a_video_model():
     image.levels[0].temporal_conv = True
     with pytest.raises(ConfigError, match=r"levels\[0\].temporal_conv"):
         image.validate()
+
+
+def test_frame_embedding_tells_every_frame_its_index_and_leaves_images_alone():
+    """Trained (non-zero) frame embeddings make identical frames come out different, frame by frame;
+    images (one frame) through the same model are exactly what the model without them gives."""
+    image = image_config(2)
+    plain = NestedUNet(video_config(image))
+    framed = NestedUNet(video_config(image, frame_embedding=True))
+    _randomize(plain, std=0.1)
+    framed.load_state_dict(plain.state_dict(), strict=False)
+    _randomize(framed.frame_emb, std=0.3, seed=7)
+    _randomize(framed.inner_unet.frame_emb, std=0.3, seed=8)
+    t, (text, mask) = torch.tensor([17, 640]), _cond()
+    still = [x[:, :, :1].expand_as(x).contiguous() for x in _video_pyramid(framed.config)]  # one frame, repeated
+    with torch.no_grad():
+        plain_out = plain(still, t, text, mask)
+        framed_out = framed(still, t, text, mask)
+    for level in framed_out:
+        per_frame = level[:, :, 1:] - level[:, :, :1]
+        assert per_frame.abs().amax(dim=(0, 1, 3, 4)).min() > 1e-3  # every later frame differs from frame 0
+    assert not torch.allclose(framed_out[0], plain_out[0], atol=1e-3)
+
+    images = [x[:, :, 0] for x in _video_pyramid(framed.config)]  # (B, C, H, W): images through a video model
+    with torch.no_grad():
+        for a, b in zip(framed(images, t, text, mask), plain(images, t, text, mask), strict=True):
+            assert torch.equal(a, b)

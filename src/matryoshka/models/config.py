@@ -44,6 +44,10 @@ class LevelConfig:
     # Spatial kernel of those convolutions: 1 = over frames only; 3 = a 3x3x3 space-time kernel, which
     # sees an object move by a pixel per frame directly (at 9x the cost).
     temporal_conv_space: int = 1
+    # Video: add an embedding of the frame's index (0..T-1 within this level) to the time embedding of
+    # its rows, so every ResNet knows which frame it draws (FiLM), not only the temporal layers. Starts
+    # at zero (inflation stays exact); single frames (images) get none.
+    frame_embedding: bool = False
 
     @property
     def time_embedding_dim(self) -> int:

@@ -70,6 +70,11 @@ class NestedUNet(nn.Module):
                 }
             )
 
+        if level.frame_embedding:
+            self.frame_emb = nn.ModuleList(
+                [nn.Linear(temb_dim // 4, temb_dim), zero_init(nn.Linear(temb_dim, temb_dim))]
+            )
+
         # Conditioning layers live in the core (ml-mdm's layout); class labels in the outermost band.
         if self.is_core and config.text_dim > 0:
             if config.text_proj_dim > 0:
@@ -267,6 +272,11 @@ class NestedUNet(nn.Module):
             temb = temb + cond_emb
         rows = x_t.shape[0] // num_frames  # samples carrying this level
         temb_here = temb[:rows]
+        if self.level.frame_embedding and num_frames > 1:
+            # One embedding per folded row (sample-major, as _fold_frames lays them out): (rows * T, D).
+            index = torch.arange(num_frames, device=temb.device)
+            per_frame = self._sinusoid_mlp(index, self.frame_emb).to(temb.dtype)
+            temb_here = (temb_here[:, None, :] + per_frame[None]).reshape(rows * num_frames, -1)
         states_here = None if states is None else states[:rows]
         mask_here = None if mask is None else mask[:rows]
 

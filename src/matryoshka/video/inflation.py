@@ -2,7 +2,8 @@
 
 The video model's spatial layers have the image model's names and shapes (frames are folded into the
 batch), so the image weights load by name; what the image model lacks are the temporal layers
-(`t_layers`), which start as exact identities (zero-initialised outputs, and skipped for one frame), and
+(`t_layers`), which start as exact identities (zero-initialised outputs, and skipped for one frame), the
+frame-index embeddings (`frame_emb`, zero-initialised outputs, none for one frame), and
 any outer video levels, whose adapters start at zero. Hence, before any video training:
 
 - with the same frames at every level (temporal_ratios all 1), each frame of the inflated model's output
@@ -28,6 +29,8 @@ import torch
 from matryoshka.models import ModelConfig, NestedUNet
 
 TEMPORAL_PARAMETER_MARK = "t_layers."
+# Everything an image model lacks: the temporal layers and the frame-index embeddings.
+VIDEO_ONLY_MARKS = (TEMPORAL_PARAMETER_MARK, "frame_emb.")
 
 
 def image_counterpart(video_config: ModelConfig, num_levels: int | None = None) -> ModelConfig:
@@ -36,7 +39,8 @@ def image_counterpart(video_config: ModelConfig, num_levels: int | None = None) 
     config = video_config.innermost(num_levels or video_config.num_levels)
     levels = [
         dataclasses.replace(
-            copy.deepcopy(level), temporal_attention_layers=None, temporal_conv=False, temporal_conv_space=1
+            copy.deepcopy(level), temporal_attention_layers=None, temporal_conv=False, temporal_conv_space=1,
+            frame_embedding=False,
         )
         for level in config.levels
     ]
@@ -116,7 +120,7 @@ def load_image_weights(video: NestedUNet, image: NestedUNet) -> None:
         target = target.inner_unet
     state = {k: v.detach().clone() for k, v in image.state_dict().items()}
     missing, unexpected = target.load_state_dict(state, strict=False)
-    not_temporal = [k for k in missing if TEMPORAL_PARAMETER_MARK not in k]
+    not_temporal = [k for k in missing if not any(mark in k for mark in VIDEO_ONLY_MARKS)]
     if not_temporal or unexpected:
         raise ValueError(
             "the image weights do not fit the video model: "
@@ -126,5 +130,6 @@ def load_image_weights(video: NestedUNet, image: NestedUNet) -> None:
 
 
 def temporal_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters of the temporal layers (for freezing the rest, or a separate learning rate)."""
-    return [p for name, p in model.named_parameters() if TEMPORAL_PARAMETER_MARK in name]
+    """The parameters of the temporal layers and frame embeddings, which an image model does not have
+    (for freezing the rest, or a separate learning rate)."""
+    return [p for name, p in model.named_parameters() if any(mark in name for mark in VIDEO_ONLY_MARKS)]
