@@ -39,7 +39,10 @@ try:
     prompt = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
     prompt.send_keys(sys.argv[1] if len(sys.argv) > 1 else "a pair of sneakers")
     driver.find_element(By.CSS_SELECTOR, "#generate").click()
-    wait.until(lambda d: (d.find_element(By.CSS_SELECTOR, "#info textarea").get_attribute("value") or "").startswith("seed "))
+    def finished(driver) -> bool:
+        return (driver.find_element(By.CSS_SELECTOR, "#info textarea").get_attribute("value") or "").startswith("seed ")
+
+    wait.until(finished)
     for level in (0, 1):
         wait.until(lambda d, level=level: d.find_elements(By.CSS_SELECTOR, f"#level-{level} img") or False)
     time.sleep(1)
