@@ -47,19 +47,10 @@ def is_loopback(host: str) -> bool:
 
 
 def _load_pipeline(args: argparse.Namespace):
-    from matryoshka.commands.generate import TRAIN_HINT, default_model_dir
+    from matryoshka.commands.generate import resolve_model_dir
     from matryoshka.pipeline import MatryoshkaPipeline
 
-    directory = args.model
-    if directory is None:
-        directory = default_model_dir()
-        if not (directory / "config.yaml").is_file():
-            raise FileNotFoundError(
-                f"no --model given and the embedded default model is not installed ({directory} is missing); "
-                + TRAIN_HINT
-            )
-    elif not (directory / "config.yaml").is_file():
-        raise FileNotFoundError(f"--model {directory} is not a model directory (no config.yaml in it)")
+    directory = resolve_model_dir(args.model)
     return MatryoshkaPipeline.from_pretrained(directory, device=args.device, text_encoder=args.text_encoder)
 
 

@@ -81,15 +81,24 @@ def _load_pipeline(args: argparse.Namespace):
         )
     if args.config is not None:
         raise ValueError("--config is the official YAML of --official; a --model directory has its own config.yaml")
-    directory = args.model
-    if directory is None:
+    return MatryoshkaPipeline.from_pretrained(
+        resolve_model_dir(args.model), device=args.device, text_encoder=args.text_encoder
+    )
+
+
+def resolve_model_dir(model: Path | None) -> Path:
+    """--model, or the embedded default model when it is None; FileNotFoundError naming what is missing."""
+    if model is None:
         directory = default_model_dir()
         if not (directory / "config.yaml").is_file():
             raise FileNotFoundError(
                 f"no --model given and the embedded default model is not installed ({directory} is missing); "
                 + TRAIN_HINT
             )
-    return MatryoshkaPipeline.from_pretrained(directory, device=args.device, text_encoder=args.text_encoder)
+        return directory
+    if not (model / "config.yaml").is_file():
+        raise FileNotFoundError(f"--model {model} is not a model directory (no config.yaml in it)")
+    return model
 
 
 def level_path(out: Path, level: int) -> Path:

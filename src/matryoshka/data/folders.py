@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from .decoding import (
 from .faults import DataFaultError, FaultCounter, SampleFault
 
 
-class FaultTolerantFolder(Dataset):
+class FaultTolerantFolder(Dataset, abc.ABC):
     """A sorted list of files under a folder, each decoded by `_load`; bad files are counted and skipped.
 
     Subclasses set `self.paths`, `self.root`, `self.faults`, `self.max_caption_chars` and implement
@@ -54,8 +55,9 @@ class FaultTolerantFolder(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    @abc.abstractmethod
     def _load(self, index: int, count_notes: bool) -> dict[str, Any]:
-        raise NotImplementedError
+        """Decode file `index` or raise SampleFault; caption notes are counted only when `count_notes`."""
 
     def _try(self, index: int, count_notes: bool) -> dict[str, Any] | SampleFault:
         if index in self._known_bad:
