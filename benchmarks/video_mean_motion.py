@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = MovingFashionMNIST(num_frames=pipe.config.model.num_frames, image_size=pipe.config.model.image_size)
     pool = pipe.config.model.image_size // side
-    print(f"model {args.model}: core {frames} x {side} px; centroid motion (dx, dy) in core pixels, first to last frame\n")
+    print(f"model {args.model}: core {frames} x {side} px; "
+          "centroid motion (dx, dy) in core pixels, first to last frame\n")
     header = "| | " + " | ".join(DIRECTIONS) + " | no caption |"
     print(header)
     print("|---" * (len(DIRECTIONS) + 2) + "|")
