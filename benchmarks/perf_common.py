@@ -255,6 +255,15 @@ def build_model(workload: Workload, options: Options, device: torch.device, seed
     return model.to(device, memory_format=memory_format)
 
 
+def _first_call(step: Step) -> Step:
+    """Run the step once (compilation, allocations, kernel choice) and record how long that took."""
+    start = time.perf_counter()
+    step.run()
+    synchronize(step.device)
+    step.first_call_s = time.perf_counter() - start
+    return step
+
+
 def build_train_step(
     workload: Workload, options: Options, device: torch.device, seed: int = 0, model: NestedUNet | None = None
 ) -> Step:
@@ -283,12 +292,7 @@ def build_train_step(
         else:
             model.zero_grad(set_to_none=True)
 
-    step = Step(workload, options, model, run, device)
-    start = time.perf_counter()
-    run()
-    synchronize(device)
-    step.first_call_s = time.perf_counter() - start
-    return step
+    return _first_call(Step(workload, options, model, run, device))
 
 
 def build_forward(workload: Workload, options: Options, device: torch.device, seed: int = 0,
@@ -308,12 +312,7 @@ def build_forward(workload: Workload, options: Options, device: torch.device, se
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             forward(pyramid, inputs["t"], **inputs["conditioning"])
 
-    step = Step(workload, options, model, run, device)
-    start = time.perf_counter()
-    run()
-    synchronize(device)
-    step.first_call_s = time.perf_counter() - start
-    return step
+    return _first_call(Step(workload, options, model, run, device))
 
 
 def step_flops(workload: Workload, train: bool = True, batch: int | None = None) -> int:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -23,14 +22,7 @@ from matryoshka.data import write_shard
 from matryoshka.training import read_metrics
 from matryoshka.training.testing import tiny_config_dict
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def image_bytes(seed: int, fmt: str = "PNG", side: int = 20) -> bytes:

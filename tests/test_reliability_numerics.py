@@ -29,13 +29,7 @@ STEMS = ("model", "ema", "optimizer")
 ONE_STAGE = ["stages=[{levels: 2, steps: 6}]", "checkpoint.every=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class _InfGradient(torch.autograd.Function):

@@ -19,13 +19,7 @@ TINY_PRESETS = [p for p in PRESETS if p.name.startswith("fashion_")]
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def write(tmp_path: Path, data: dict) -> Path:
     path = tmp_path / "run.yaml"

@@ -14,14 +14,7 @@ from matryoshka.model_dir import load_model_dir
 from matryoshka.training import read_metrics, train
 from matryoshka.training.testing import tiny_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_two_stage_run_exports_logs_samples_and_generates(tmp_path: Path):

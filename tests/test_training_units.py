@@ -57,13 +57,7 @@ def three_level_config():
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # ------------------------------------------------------------------------------------------------ nesting
 def test_nested_model_keeps_the_old_models_predictions_exactly():
