@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("matryoshka.commands.train", "train a nested model from a YAML config (progressive stages, resume, DDP)"),
 }
 
+KEEP_FREED_MEMORY = {"demo", "eval", "generate"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -47,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     command_parser = argparse.ArgumentParser(prog=f"matryoshka {name}", description=COMMANDS[name][1])
     module.add_arguments(command_parser)
     args = command_parser.parse_args(argv[1:])
+    if name in KEEP_FREED_MEMORY:
+        # The command owns the process: keep freed CPU memory for reuse (no page faults on every
+        # sampling step's fresh activations: 1.35x faster CPU sampling). `train` follows its config's
+        # optim.keep_freed_memory instead.
+        from matryoshka.cpu_allocator import keep_freed_memory
+
+        keep_freed_memory()
     return int(module.run(args) or 0)
 
 

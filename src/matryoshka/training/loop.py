@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from matryoshka import pyramid as pyr
+from matryoshka.cpu_allocator import keep_freed_memory
 from matryoshka.data import DataFaultError, FaultCounter
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.losses import LossOutput, multi_resolution_loss, rows_per_level
@@ -80,6 +81,8 @@ def train(
     out_dir = Path(out_dir)
     runtime = distributed.setup(config.device)
     device = runtime.device
+    if device.type == "cpu" and config.optim.keep_freed_memory:
+        keep_freed_memory()
     try:
         # ---------------------------------------------------------------- where the run starts
         checkpoints = out_dir / "checkpoints"
