@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -220,6 +221,9 @@ class Options:
     compile: bool = False
     gradient_checkpointing: bool = False
     optimizer: str | None = "foreach"  # OptimConfig.implementation; None: forward + backward only
+    # matryoshka.cpu_allocator.keep_freed_memory (process-wide: only meaningful for a step measured in
+    # its own process, see IsolatedRuns)
+    keep_freed_memory: bool = False
 
     @property
     def label(self) -> str:
@@ -230,6 +234,8 @@ class Options:
             parts.append("checkpointing")
         if self.optimizer is not None:
             parts.append(f"{self.optimizer} AdamW")
+        if self.keep_freed_memory:
+            parts.append("kept memory")
         return " ".join(parts)
 
 
@@ -395,6 +401,120 @@ def time_round_robin(
             if log is not None:
                 log(f"  round {index + 1}/{rounds} {name}: {times[name][-1] * 1e3:.1f} ms/call")
     return {name: Timing(values) for name, values in times.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs in their own processes
+def _serve(connection, threads: int, keep_memory: bool, builder: Callable[..., tuple[dict, dict]], args: tuple) -> None:
+    """Worker process: build the runs, report their info, then time `calls` calls of a run on request."""
+    torch.set_num_threads(threads)
+    if keep_memory:
+        from matryoshka.cpu_allocator import keep_freed_memory
+
+        keep_freed_memory()
+    runs, info = builder(*args)
+    connection.send(info)
+    while True:
+        request = connection.recv()
+        if request is None:
+            return
+        name, calls, device = request
+        synchronize(device)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        for _ in range(calls):
+            runs[name]()
+        synchronize(device)
+        seconds = (time.perf_counter() - start) / calls
+        connection.send((seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / calls))
+
+
+class IsolatedRuns:
+    """Benchmark runs that each live in a process of their own and take turns.
+
+    In one process, variants measured round-robin change each other's timings through what they leave
+    behind: the allocator's free lists and the memory it returned to the system, caches, compiled-code
+    state (on a 2-core VM the same eager fp32/bf16 pair read 1.29-1.66x depending on the harness). Here
+    each group of runs is built by `builder(*args) -> (runs, info)` in a fresh process (spawned, so
+    nothing is inherited), and only one process computes at a time; the others wait on a pipe.
+    """
+
+    def __init__(self, threads: int) -> None:
+        import multiprocessing
+
+        self._context = multiprocessing.get_context("spawn")
+        self._threads = threads
+        self._workers: dict[str, tuple[object, object]] = {}  # group -> (process, connection)
+        self._names: dict[str, tuple[str, str]] = {}  # run name -> (group, name inside the group)
+        self.info: dict[str, dict] = {}
+        self.page_faults: dict[str, list[float]] = {}  # run name -> minor page faults per call, per round
+
+    def add(self, group: str, builder: Callable[..., tuple[dict, dict]], *args, keep_memory: bool = False,
+            names: dict[str, str] | None = None) -> dict:
+        """Start a process that builds `builder(*args)`; `names`: public name -> the builder's run name
+        (default: the group's name for its only run, "run"). Returns the builder's info."""
+        parent, child = self._context.Pipe()
+        process = self._context.Process(
+            target=_serve, args=(child, self._threads, keep_memory, builder, args), daemon=True
+        )
+        process.start()
+        info = parent.recv()
+        self._workers[group] = (process, parent)
+        for public, inner in (names or {group: "run"}).items():
+            self._names[public] = (group, inner)
+        self.info[group] = info
+        return info
+
+    def time_round_robin(self, rounds: int, calls: int, device: torch.device,
+                         log: Callable[[str], None] | None = None) -> dict[str, Timing]:
+        """Like `time_round_robin`, each run timed inside its own process."""
+        times: dict[str, list[float]] = {name: [] for name in self._names}
+        for index in range(rounds):
+            for name, (group, inner) in self._names.items():
+                connection = self._workers[group][1]
+                connection.send((inner, calls, device))
+                seconds, faults = connection.recv()
+                times[name].append(seconds)
+                self.page_faults.setdefault(name, []).append(faults)
+                if log is not None:
+                    log(f"  round {index + 1}/{rounds} {name}: {times[name][-1] * 1e3:.1f} ms/call")
+        return {name: Timing(values) for name, values in times.items()}
+
+    def close(self) -> None:
+        for process, connection in self._workers.values():
+            connection.send(None)
+            process.join(timeout=30)
+        self._workers.clear()
+
+    def __enter__(self) -> IsolatedRuns:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def train_step_runs(workload: Workload, options: Options, device_name: str = "cpu") -> tuple[dict, dict]:
+    """IsolatedRuns builder: one training step (`run`); info: its first call's seconds and, for compiled
+    steps, the inductor cache's hits and misses during it ("cache")."""
+    from torch._dynamo.utils import counters
+
+    with quiet_compile_logs():
+        step = build_train_step(workload, options, torch.device(device_name))
+    hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    cache = f" ({hits} hit/{misses} miss)" if options.compile else ""
+    return {"run": step.run}, {"first_call_s": step.first_call_s, "cache": cache}
+
+
+def peak_step_runs(device_name: str = "cpu") -> tuple[dict, dict]:
+    """IsolatedRuns builder: the peak runs of both precisions, named "<kind> <fp32|bf16>"; info maps
+    each name to its FLOPs per run."""
+    device = torch.device(device_name)
+    runs, flops = {}, {}
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for kind, (run, count) in peak_runs(device, dtype).items():
+            runs[f"{kind} {precision}"] = run
+            flops[f"{kind} {precision}"] = count
+    return runs, flops
 
 
 @contextlib.contextmanager

@@ -54,6 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # perf_common, beside this script
 
 from perf_common import (  # noqa: E402
+    IsolatedRuns,
     Options,
     Timing,
     build_train_step,
@@ -63,10 +64,12 @@ from perf_common import (  # noqa: E402
     matmul_flops_per_s,
     paired_speedup,
     peak_runs,
+    peak_step_runs,
     quiet_compile_logs,
     share_of_peak,
     step_flops,
     time_round_robin,
+    train_step_runs,
     workloads,
 )
 
@@ -94,21 +97,25 @@ BASELINES = {
 
 # The optim section's variants of one training step. The first is the 1.00x reference: the trainer's
 # step before the optimisations (eager, fp32, foreach AdamW, which was the CPU default).
+# "kept memory": matryoshka.cpu_allocator.keep_freed_memory in the path's process (the trainer's default
+# since; it was not before, so the reference has it off).
 REFERENCE = Options(precision="fp32", optimizer="foreach")
 EAGER_VARIANTS = (
     REFERENCE,
     Options(precision="fp32", optimizer="fused"),
-    Options(precision="fp32", optimizer="fused", channels_last=True),
+    Options(precision="fp32", optimizer="fused", keep_freed_memory=True),
+    Options(precision="fp32", optimizer="fused", channels_last=True, keep_freed_memory=True),
     Options(precision="bf16", optimizer="fused"),
-    Options(precision="bf16", optimizer="fused", channels_last=True),
+    Options(precision="bf16", optimizer="fused", keep_freed_memory=True),
+    Options(precision="bf16", optimizer="fused", channels_last=True, keep_freed_memory=True),
 )
 COMPILED_VARIANTS = (
-    Options(precision="fp32", optimizer="fused", compile=True),
-    Options(precision="bf16", optimizer="fused", compile=True),
-    # Compiled, channels_last pays: inductor's own GroupNorm kernels replace torch's channels-last CPU
-    # GroupNorm (several times slower than the contiguous one), and the bf16 convolutions gain from it.
-    Options(precision="bf16", optimizer="fused", compile=True, channels_last=True),
+    Options(precision="fp32", optimizer="fused", compile=True, keep_freed_memory=True),
+    Options(precision="bf16", optimizer="fused", compile=True, keep_freed_memory=True),
+    Options(precision="bf16", optimizer="fused", compile=True, channels_last=True, keep_freed_memory=True),
 )
+PEAK_NAMES = ("matmul fp32", "conv3x3 fp32", "matmul bf16", "conv3x3 bf16")
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -164,6 +171,20 @@ def measure(arm: Arm, steps: int, scratch: Path) -> float:
 
 
 
+def _measure_worker(arm: Arm, steps: int, scratch: Path, threads: int) -> float:
+    torch.set_num_threads(threads)
+    return measure(arm, steps, scratch)
+
+
+def measure_in_process(arm: Arm, steps: int, scratch: Path, threads: int) -> float:
+    """`measure` in a fresh (spawned) process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure_worker, arm, steps, scratch, threads).result()
+
+
 # --------------------------------------------------------------------------------------------------
 # Section "presets": the nested presets' stages and a single-level UNet through the real trainer
 def presets_section(args: argparse.Namespace) -> None:
@@ -197,24 +218,16 @@ def presets_section(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Section "optim": optimised paths of one training step
-def compile_counters() -> tuple[int, int]:
-    from torch._dynamo.utils import counters
-
-    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
-
-
-PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
 def optim_section(args: argparse.Namespace) -> float | None:
     """Prints the table; returns the best speedup over eager fp32 of fashion_tiny_32x16 (None if absent)."""
     device = torch.device("cpu")
     speedup = None
     print("\n## Optimised training steps (one step = loss, backward, AdamW; synthetic batch)\n")
-    print(f"{args.optim_rounds} interleaved rounds of {args.optim_calls} steps per variant, median (spread "
+    print(f"Every path in its own process (spawned; the processes take turns, one computing at a time), "
+          f"{args.optim_rounds} interleaved rounds of {args.optim_calls} steps per path, median (spread "
           "min..max over rounds); 'vs eager fp32' is the median (min..max) over rounds of the reference's step "
-          "time over the variant's, both measured back to back in the round; 'first call' is the first step "
-          "(for compiled variants: compilation, with the inductor cache's hits/misses); share of peak = model "
+          "time over the path's, both measured back to back in the round; 'first call' is the first step "
+          "(for compiled paths: compilation, with the inductor cache's hits/misses); share of peak = model "
           "FLOPs / step time over the FLOP/s of the faster of a 2048^3 matmul and a large 3x3 convolution (fp32, or "
           "bf16 for bf16 paths) timed in the same round, median over rounds\n")
     print("| workload | path | images/s | spread | vs eager fp32 | first call (s) | GFLOP/step | achieved FLOP/s | "
@@ -225,55 +238,54 @@ def optim_section(args: argparse.Namespace) -> float | None:
         variants = list(EAGER_VARIANTS)
         if name in args.compile_on:
             variants += list(COMPILED_VARIANTS)
-        steps = {}
-        for options in variants:
-            before = compile_counters()
-            log(f"  building {workload.name} / {options.label} ...")
-            with quiet_compile_logs():
-                step = build_train_step(workload, options, device)
-            hits, misses = (after - b for after, b in zip(compile_counters(), before, strict=True))
-            step.extra["cache"] = f" ({hits} hit/{misses} miss)" if options.compile else ""
-            steps[options.label] = step
-        runs = {label: step.run for label, step in steps.items()}
-        peaks = {precision: peak_runs(device, dtype) for precision, dtype in PEAK_DTYPES.items()}
-        runs.update({f"{kind} {p}": run for p, pair in peaks.items() for kind, (run, _) in pair.items()})
-        single = None
-        if name == "tiny":  # the single-level UNet's reference step in the same rounds, for a paired ratio
-            single = workloads(["tiny_single"], batch=args.batch_size)[0]
-            runs["single-level"] = build_train_step(single, REFERENCE, device).run
-        timings = time_round_robin(runs, device, args.optim_rounds, args.optim_calls, log)
+        with IsolatedRuns(args.threads) as isolated:
+            for options in variants:
+                log(f"  building {workload.name} / {options.label} ...")
+                isolated.add(options.label, train_step_runs, workload, options, keep_memory=options.keep_freed_memory)
+            peak_flops = isolated.add("peaks", peak_step_runs, names={k: k for k in PEAK_NAMES})
+            single = None
+            if name == "tiny":  # the single-level UNet's reference step in the same rounds, for a paired ratio
+                single = workloads(["tiny_single"], batch=args.batch_size)[0]
+                isolated.add("single-level", train_step_runs, single, REFERENCE)
+            timings = isolated.time_round_robin(args.optim_rounds, args.optim_calls, device, log)
+            info = dict(isolated.info)
         flops = step_flops(workload)
         reference = timings[REFERENCE.label]
         best = 1.0
-        for label, step in steps.items():
+        for options in variants:
+            label = options.label
             timing: Timing = timings[label]
             rate = workload.batch / timing.median
             achieved = flops / timing.median
-            precision = step.options.precision
-            references = [(f, timings[f"{kind} {precision}"]) for kind, (_, f) in peaks[precision].items()]
+            precision = options.precision
+            references = [(peak_flops[k], timings[k]) for k in PEAK_NAMES if k.endswith(precision)]
             share = share_of_peak(flops, timing, references)
             best = max(best, paired_speedup(reference, timing)[0])
             print(f"| {workload.name} | {label} | {rate:.1f} | {timing.spread} | {fmt_speedup(reference, timing)} | "
-                  f"{step.first_call_s:.1f}{step.extra['cache']} | {flops / 1e9:.2f} | {fmt_flops(achieved)}FLOP/s | "
-                  f"{100 * share:.0f}% of {precision} |", flush=True)
+                  f"{info[label]['first_call_s']:.1f}{info[label]['cache']} | {flops / 1e9:.2f} | "
+                  f"{fmt_flops(achieved)}FLOP/s | {100 * share:.0f}% of {precision} |", flush=True)
         if name == "tiny":
             speedup = best
         if single is not None:  # images/s over the single-level UNet's (same batch): its time over ours
-            fastest = max(steps, key=lambda label: paired_speedup(reference, timings[label])[0])
+            fastest = max((o.label for o in variants), key=lambda label: paired_speedup(reference, timings[label])[0])
             print(f"\n{workload.name} vs the single-level UNet's eager fp32 foreach step, in the same rounds: "
                   f"{fmt_speedup(timings['single-level'], reference)} images/s in eager fp32, "
                   f"{fmt_speedup(timings['single-level'], timings[fastest])} with {fastest}\n", flush=True)
-        del steps
     return speedup
 
 
 # --------------------------------------------------------------------------------------------------
 # Section "trainer": the real trainer with the winning options
 TRAINER_ARMS = {
-    "eager fp32, foreach AdamW (reference)": ["optim.precision=fp32", "optim.implementation=foreach"],
-    "eager fp32, fused AdamW (new default)": ["optim.precision=fp32", "optim.implementation=auto"],
-    "eager bf16, fused AdamW": ["optim.precision=bf16", "optim.implementation=auto"],
-    "compile bf16 channels_last, fused AdamW": [
+    "eager fp32, foreach AdamW (reference)": [
+        "optim.precision=fp32", "optim.implementation=foreach", "optim.keep_freed_memory=false"
+    ],
+    "eager fp32, fused AdamW, kept memory (the defaults)": ["optim.precision=fp32", "optim.implementation=auto"],
+    "eager bf16, fused AdamW, kept memory": ["optim.precision=bf16", "optim.implementation=auto"],
+    "eager bf16 channels_last, fused AdamW, kept memory": [
+        "optim.precision=bf16", "optim.implementation=auto", "optim.channels_last=true"
+    ],
+    "compile bf16 channels_last, fused AdamW, kept memory": [
         "optim.precision=bf16", "optim.implementation=auto", "optim.compile=true", "optim.channels_last=true"
     ],
 }
@@ -290,10 +302,11 @@ def trainer_section(args: argparse.Namespace) -> None:
         for name, extra in TRAINER_ARMS.items()
     ]
     rates: dict[str, list[float]] = {arm.name: [] for arm in arms}
+    # Each run in a fresh process: optim.keep_freed_memory changes malloc for the whole process.
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as scratch, quiet_compile_logs():
         for repeat in range(args.repeats):
             for arm in arms:
-                rates[arm.name].append(measure(arm, args.steps, Path(scratch)))
+                rates[arm.name].append(measure_in_process(arm, args.steps, Path(scratch), args.threads))
                 log(f"  repeat {repeat + 1}/{args.repeats} trainer {arm.name}: {rates[arm.name][-1]:.1f} images/s")
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(f"\n## The trainer with the optimised options ({preset}, both levels, batch {config.data.batch_size})\n")
