@@ -155,6 +155,31 @@ def test_ema_warms_up_then_averages():
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
+def test_ema_follows_replaced_weights_buffers_and_models():
+    """EMA.update keeps the parameter lists of the last model it saw; what replaces a parameter's data or
+    a buffer (`param.data = ...`, `.to()`) and a different live model must still be followed."""
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+
+    live = net()
+    ema = EMA(net(), decay=0.5, warmup=False)
+    ema.update(live)
+    live[0].weight.data = torch.full((2, 3), 4.0)  # new storage behind the same Parameter
+    live[1].running_mean = torch.full((2,), 7.0)  # a new buffer tensor
+    before = ema.module[0].weight.detach().clone()
+    ema.update(live)
+    assert torch.allclose(ema.module[0].weight, 0.5 * before + 0.5 * 4.0)
+    assert torch.equal(ema.module[1].running_mean, torch.full((2,), 7.0))
+    other = net()
+    with torch.no_grad():
+        other[0].weight.fill_(-2.0)
+    before = ema.module[0].weight.detach().clone()
+    ema.update(other)
+    assert torch.allclose(ema.module[0].weight, 0.5 * before - 1.0)
+    with pytest.raises(ValueError, match="parameters"):
+        ema.update(torch.nn.Linear(3, 2))
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 def adam_with_state() -> tuple[torch.nn.Module, torch.optim.AdamW]:
     torch.manual_seed(0)

@@ -22,6 +22,9 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
+        # (live model, EMA and live parameters, buffer owners, fused?) from the last update: walking both
+        # module trees for their parameters costs ~2 ms per step on a CPU for the tiny presets.
+        self._pairs: tuple | None = None
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -33,18 +36,28 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         """ema <- decay * ema + (1 - decay) * live, for every parameter of `model` (same order)."""
         weight = 1.0 - self.current_decay()
-        averaged = list(self.module.parameters())
-        live = list(model.parameters())
-        if len(averaged) != len(live):
-            raise ValueError(f"EMA holds {len(averaged)} parameters but the model has {len(live)}")
-        sources = [p.detach() for p in live]
-        if all(type(t) in (torch.Tensor, nn.Parameter) for t in averaged) and all(
-            a.dtype == s.dtype for a, s in zip(averaged, sources, strict=True)
-        ):
+        if self._pairs is None or self._pairs[0] is not model:
+            self._pairs = (model, *self._collect(model))
+        _, averaged, live, buffers, fused = self._pairs
+        sources = [p.detach() for p in live]  # per update: a `param.data = ...` since then is seen
+        if fused:
             torch._foreach_lerp_(averaged, sources, weight)  # one fused kernel per dtype/device group
         else:  # sharded (DTensor) parameters or mixed dtypes: one at a time
             for target, source in zip(averaged, sources, strict=True):
                 target.lerp_(source.to(target.dtype), weight)
-        for target, source in zip(self.module.buffers(), model.buffers(), strict=True):
-            target.copy_(source)
+        for ema_owner, live_owner, name in buffers:  # looked up each time: `.to()` replaces buffers
+            getattr(ema_owner, name).copy_(getattr(live_owner, name))
         self.num_updates += 1
+
+    def _collect(self, model: nn.Module) -> tuple[list, list, list, bool]:
+        averaged = list(self.module.parameters())
+        live = list(model.parameters())
+        if len(averaged) != len(live):
+            raise ValueError(f"EMA holds {len(averaged)} parameters but the model has {len(live)}")
+        fused = all(type(t) in (torch.Tensor, nn.Parameter) for t in averaged) and all(
+            a.dtype == s.dtype for a, s in zip(averaged, live, strict=True)
+        )
+        ema_owners = [(m, n) for m in self.module.modules() for n, _ in m.named_buffers(recurse=False)]
+        live_owners = [(m, n) for m in model.modules() for n, _ in m.named_buffers(recurse=False)]
+        buffers = [(e, m, n) for (e, n), (m, _) in zip(ema_owners, live_owners, strict=True)]
+        return averaged, live, buffers, fused
