@@ -66,3 +66,20 @@ def test_trainer_applies_its_config(keep, tmp_path, monkeypatch):
     loop.train(config, tmp_path / "run")
     assert calls == ([1] if keep else [])
     assert OptimConfig().keep_freed_memory is True  # on unless a config turns it off
+
+
+@pytest.mark.parametrize("command, argv, applies", [
+    ("generate", ["generate", "a photo of a bag", "--out", "unused.png"], True),
+    ("train", ["train", "configs/fashion_tiny_32x16.yaml", "--out", "unused"], False),  # follows its config
+])
+def test_sampling_commands_keep_freed_memory(command, argv, applies, monkeypatch):
+    import importlib
+
+    from matryoshka import cli, cpu_allocator
+
+    calls = []
+    monkeypatch.setattr(cpu_allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    module = importlib.import_module(cli.COMMANDS[command][0])
+    monkeypatch.setattr(module, "run", lambda args: 0)  # the dispatch is under test, not the command
+    assert cli.main(argv) == 0
+    assert calls == ([1] if applies else [])
