@@ -285,6 +285,9 @@ TRAINER_ARMS = {
     "eager bf16 channels_last, fused AdamW, kept memory": [
         "optim.precision=bf16", "optim.implementation=auto", "optim.channels_last=true"
     ],
+    "eager bf16 channels_last, fused AdamW, kept memory, 1 data worker": [
+        "optim.precision=bf16", "optim.implementation=auto", "optim.channels_last=true", "data.num_workers=1"
+    ],
     "compile bf16 channels_last, fused AdamW, kept memory": [
         "optim.precision=bf16", "optim.implementation=auto", "optim.compile=true", "optim.channels_last=true"
     ],
