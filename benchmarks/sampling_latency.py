@@ -111,6 +111,7 @@ PATHS = (
     Path_("no guidance, eager fp32", "none", Options()),
     Path_("batched guidance, eager bf16", "batched", Options(precision="bf16")),
     Path_("batched guidance, eager fp32 channels_last", "batched", Options(channels_last=True)),
+    Path_("batched guidance, eager bf16 channels_last", "batched", Options(precision="bf16", channels_last=True)),
     Path_("batched guidance, compile fp32", "batched", Options(compile=True)),
     Path_("batched guidance, compile bf16", "batched", Options(precision="bf16", compile=True)),
 )
@@ -199,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fresh-compile-cache", action="store_true",
                         help="compile into an empty inductor cache (honest cold compile times)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="matryoshka.cpu_allocator.keep_freed_memory() first (what the commands do); all paths")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.steps > args.num_inference_steps:
         parser.error("--steps must be in [1, --num-inference-steps]")
@@ -206,8 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.fresh_compile_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cache-")
+    if args.keep_freed_memory:
+        from matryoshka.cpu_allocator import keep_freed_memory
+
+        keep_freed_memory()
 
     print(f"machine: {machine_line(device)}", flush=True)
+    if args.keep_freed_memory:
+        print("freed memory kept (matryoshka.cpu_allocator.keep_freed_memory) for every path", flush=True)
     peaks = {"fp32": matmul_flops_per_s(device), "bf16": matmul_flops_per_s(device, torch.bfloat16)}
     print(f"2048^3 matmul at the start: {fmt_flops(peaks['fp32'])}FLOP/s fp32, {fmt_flops(peaks['bf16'])}FLOP/s bf16 "
           "(the shares of peak below use the faster of a matmul and a 3x3 convolution timed beside each path, in "

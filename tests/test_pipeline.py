@@ -290,6 +290,44 @@ def test_cli_precision_bf16_reaches_the_pipeline_and_stays_close_to_fp32(text_mo
     assert difference.mean() < 8  # out of 255: the same pictures
 
 
+def conv3x3_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] == 3]
+
+
+def test_channels_last_pipeline_draws_the_same_images(text_model_dir, tmp_path, monkeypatch):
+    from matryoshka.pipeline import MatryoshkaPipeline
+
+    pipe = MatryoshkaPipeline.from_pretrained(text_model_dir)
+    kwargs = dict(num_inference_steps=3, guidance_scale=3.0, generator=0, progress=False)
+    plain = np.asarray(pipe("a red cat", **kwargs).images[0], dtype=np.float64)
+    assert pipe.to(memory_format=torch.channels_last) is pipe
+    convs = [w for w in conv3x3_weights(pipe.model) if w.shape[1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    channels_last = np.asarray(pipe("a red cat", **kwargs).images[0], dtype=np.float64)
+    assert np.abs(channels_last - plain).max() <= 1  # out of 255: summation order only
+    saved = pipe.save_pretrained(tmp_path / "saved")  # channels-last weights save as ordinary tensors
+    again = MatryoshkaPipeline.from_pretrained(saved)
+    assert np.abs(np.asarray(again("a red cat", **kwargs).images[0], dtype=np.float64) - plain).max() <= 1
+    pipe.to(memory_format=torch.contiguous_format)
+    assert all(w.is_contiguous() for w in convs)
+
+    # the command's flag reaches the pipeline
+    layouts = []
+    call = MatryoshkaPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        weight = next(w for w in conv3x3_weights(self.model) if w.shape[1] > 1)
+        layouts.append(weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(MatryoshkaPipeline, "__call__", spy)
+    for flag in ([], ["--channels-last"]):
+        argv = ["generate", "a red cat", "--model", str(text_model_dir), "--steps", "2", "--seed", "0", "--quiet",
+                "--out", str(tmp_path / "cl.png"), *flag]
+        assert cli.main(argv) == 0
+    assert layouts == [False, True]
+
+
 def test_cli_errors_are_clear(text_model_dir, tmp_path, capsys, monkeypatch):
     from matryoshka.commands import generate as command
 
