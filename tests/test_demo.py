@@ -122,6 +122,34 @@ def test_every_level_is_returned_and_equals_the_pipeline_output(pipe):
     assert arrays(request(pipe, "a blue bag", steps=4, seed=7, n=2, negative="blurry")[0]) != arrays(images)
 
 
+def test_bf16_requests_run_under_autocast_and_stay_close(pipe):
+    dtypes = []
+    handle = pipe.model.register_forward_hook(lambda module, args, out: dtypes.append(torch.get_autocast_dtype("cpu")
+                                                                                    if torch.is_autocast_enabled("cpu")
+                                                                                    else None))
+    try:
+        plain, _ = request(pipe, steps=3, seed=1)
+        bf16, _ = request(pipe, steps=3, seed=1, precision="bf16")
+    finally:
+        handle.remove()
+    assert dtypes == [None] * 3 + [torch.bfloat16] * 3
+    difference = np.abs(np.asarray(bf16[0][0], dtype=np.float64) - np.asarray(plain[0][0], dtype=np.float64))
+    assert difference.mean() < 8  # out of 255: the same picture
+
+
+def test_command_passes_precision_and_channels_last(model_dir, monkeypatch):
+    import matryoshka.demo
+
+    built = {}
+    monkeypatch.setattr(matryoshka.demo, "build_demo", lambda pipe, limits, title=None, precision="fp32":
+                        built.update(pipe=pipe, precision=precision) or RecordingPage())
+    assert cli.main(["demo", "--model", str(model_dir), "--precision", "bf16", "--channels-last"]) == 0
+    assert built["precision"] == "bf16"
+    convs = [m.weight for m in built["pipe"].model.modules()
+             if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] == 3 and m.weight.shape[1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+
+
 def test_gradio_style_values_are_accepted(pipe):
     reference = arrays(request(pipe, "a red sneaker", steps=3, seed=5, n=2)[0])
     # Sliders and numbers arrive as floats or strings; prompts may carry line breaks or arrive as UTF-8 bytes.
@@ -380,7 +408,10 @@ def test_command_serves_the_embedded_model_by_default(model_dir, tmp_path, monke
 
     page, built = RecordingPage(), {}
     monkeypatch.setattr(generate_command, "default_model_dir", lambda: model_dir)
-    monkeypatch.setattr(matryoshka.demo, "build_demo", lambda pipe, limits, title=None: built.update(pipe=pipe) or page)
+    monkeypatch.setattr(
+        matryoshka.demo, "build_demo",
+        lambda pipe, limits, title=None, precision="fp32": built.update(pipe=pipe) or page,
+    )
     assert cli.main(["demo"]) == 0
     assert built["pipe"].config.model == MatryoshkaPipeline.from_pretrained(model_dir).config.model
     assert page.launched["server_name"] == "127.0.0.1" and page.launched["server_port"] == 7860
@@ -403,8 +434,8 @@ def test_command_launches_on_the_given_host_and_warns_when_exposed(model_dir, mo
     page = RecordingPage()
     built = {}
 
-    def fake_build(pipe, limits, title=None):
-        built.update(pipe=pipe, limits=limits)
+    def fake_build(pipe, limits, title=None, precision="fp32"):
+        built.update(pipe=pipe, limits=limits, precision=precision)
         return page
 
     monkeypatch.setattr(matryoshka.demo, "build_demo", fake_build)
@@ -414,5 +445,6 @@ def test_command_launches_on_the_given_host_and_warns_when_exposed(model_dir, mo
     assert page.launched["share"] is False
     assert built["limits"] == DemoLimits(max_steps=100, max_images=2, max_prompt_chars=300)
     assert isinstance(built["pipe"], MatryoshkaPipeline)
+    assert built["precision"] == "fp32"
     err = capsys.readouterr().err
     assert ("no authentication" in err) is warned

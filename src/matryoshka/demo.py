@@ -224,6 +224,7 @@ def generate_request(
     num_images: Any,
     limits: DemoLimits,
     on_step: StepHook | None = None,
+    precision: str = "fp32",
 ) -> tuple[list[list[Image.Image]], str]:
     """Validates a request, then generates `num_images` images for it.
 
@@ -257,6 +258,7 @@ def generate_request(
             output_levels=True,
             callback=callback,
             progress=False,
+            precision=precision,
         )
         elapsed = time.perf_counter() - started
     assert output.levels is not None
@@ -303,6 +305,7 @@ def stream_request(
     num_images: Any,
     limits: DemoLimits,
     progress: Callable[[tuple[int, int], str], Any] | None = None,
+    precision: str = "fp32",
 ) -> Iterator[tuple[list[list[Image.Image]], str, bool]]:
     """Runs `generate_request` in a worker thread and yields (images_per_level, info, done): the x0
     previews of the latest step while denoising (done False), then the result (done True).
@@ -321,7 +324,8 @@ def stream_request(
     def work() -> None:
         try:
             outcome["result"] = generate_request(
-                pipe, prompt, negative_prompt, steps, guidance, seed, sampler, num_images, limits, on_step=on_step
+                pipe, prompt, negative_prompt, steps, guidance, seed, sampler, num_images, limits, on_step=on_step,
+                precision=precision,
             )
         except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
             outcome["error"] = error
@@ -358,9 +362,12 @@ def stream_request(
     yield images, info, True
 
 
-def build_demo(pipe: MatryoshkaPipeline, limits: DemoLimits | None = None, title: str | None = None) -> gradio.Blocks:
+def build_demo(
+    pipe: MatryoshkaPipeline, limits: DemoLimits | None = None, title: str | None = None, precision: str = "fp32"
+) -> gradio.Blocks:
     """The page: prompt, negative prompt, steps, guidance, seed, sampler, number of images; a gallery
-    per level. The queue (concurrency 1) is configured here; call `.launch(...)` on the result."""
+    per level. The queue (concurrency 1) is configured here; call `.launch(...)` on the result.
+    `precision`: the pipeline's, for every request ("bf16": autocast)."""
     import gradio as gr
 
     limits = limits or DemoLimits()
@@ -381,7 +388,7 @@ def build_demo(pipe: MatryoshkaPipeline, limits: DemoLimits | None = None, title
         try:
             for images, info, _done in stream_request(
                 pipe, prompt, negative_prompt, steps, guidance, seed, sampler, num_images, limits,
-                progress=lambda fraction, desc: progress(fraction, desc=desc),
+                progress=lambda fraction, desc: progress(fraction, desc=desc), precision=precision,
             ):
                 yield (*[_gallery_items(level) for level in images], info)
         except DemoRequestError as error:

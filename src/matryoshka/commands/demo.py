@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page to the network)",
     )
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: the network under bf16 autocast (see `matryoshka generate --help`). Default fp32")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run the network's convolutions channels-last (same images; faster on a CPU)")
     parser.add_argument("--max-steps", type=int, default=100, help="most sampling steps a request may ask for")
     parser.add_argument("--max-images", type=int, default=4, help="most images a request may ask for")
     parser.add_argument("--max-prompt-chars", type=int, default=300, help="longest prompt accepted, in characters")
@@ -51,7 +55,12 @@ def _load_pipeline(args: argparse.Namespace):
     from matryoshka.pipeline import MatryoshkaPipeline
 
     directory = resolve_model_dir(args.model)
-    return MatryoshkaPipeline.from_pretrained(directory, device=args.device, text_encoder=args.text_encoder)
+    pipe = MatryoshkaPipeline.from_pretrained(directory, device=args.device, text_encoder=args.text_encoder)
+    if args.channels_last:
+        import torch
+
+        pipe.to(memory_format=torch.channels_last)
+    return pipe
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.port} can use the model (there is no authentication). Use --host 127.0.0.1 to keep it local.",
             file=sys.stderr,
         )
-    demo = build_demo(pipe, limits, title=args.title)
+    demo = build_demo(pipe, limits, title=args.title, precision=args.precision)
     print(f"matryoshka demo: serving on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     options = {"server_name": args.host, "server_port": args.port, "share": False, "show_error": True}
     if "ssr_mode" in inspect.signature(demo.launch).parameters:
