@@ -129,8 +129,8 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
     noise_cl = [x.contiguous(memory_format=torch.channels_last) for x in noise]
     compile_here = name in args.compile_on
     paths = [p for p in PATHS if compile_here or not p.options.compile]
-    if name.startswith("official"):
-        paths = [p for p in paths if not p.options.channels_last]
+    if name.startswith("official"):  # one channels-last copy of the 461M network, for bf16 only
+        paths = [p for p in paths if not p.options.channels_last or p.options.precision == "bf16"]
     models: dict[bool, torch.nn.Module] = {}  # one network per memory format, shared by the paths
     runs, first_call = {}, {}
     for path in paths:
