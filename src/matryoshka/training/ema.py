@@ -22,7 +22,7 @@ class EMA:
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        # (live model, EMA and live parameters, buffer owners, fused?) from the last update: walking both
+        # (live model, EMA and live parameters, buffer owners) from the last update: walking both
         # module trees for their parameters costs ~2 ms per step on a CPU for the tiny presets.
         self._pairs: tuple | None = None
 
@@ -38,9 +38,11 @@ class EMA:
         weight = 1.0 - self.current_decay()
         if self._pairs is None or self._pairs[0] is not model:
             self._pairs = (model, *self._collect(model))
-        _, averaged, live, buffers, fused = self._pairs
+        _, averaged, live, buffers = self._pairs
         sources = [p.detach() for p in live]  # per update: a `param.data = ...` since then is seen
-        if fused:
+        if all(type(t) in (torch.Tensor, nn.Parameter) for t in averaged) and all(
+            a.dtype == s.dtype for a, s in zip(averaged, sources, strict=True)
+        ):
             torch._foreach_lerp_(averaged, sources, weight)  # one fused kernel per dtype/device group
         else:  # sharded (DTensor) parameters or mixed dtypes: one at a time
             for target, source in zip(averaged, sources, strict=True):
@@ -49,15 +51,12 @@ class EMA:
             getattr(ema_owner, name).copy_(getattr(live_owner, name))
         self.num_updates += 1
 
-    def _collect(self, model: nn.Module) -> tuple[list, list, list, bool]:
+    def _collect(self, model: nn.Module) -> tuple[list, list, list]:
         averaged = list(self.module.parameters())
         live = list(model.parameters())
         if len(averaged) != len(live):
             raise ValueError(f"EMA holds {len(averaged)} parameters but the model has {len(live)}")
-        fused = all(type(t) in (torch.Tensor, nn.Parameter) for t in averaged) and all(
-            a.dtype == s.dtype for a, s in zip(averaged, live, strict=True)
-        )
         ema_owners = [(m, n) for m in self.module.modules() for n, _ in m.named_buffers(recurse=False)]
         live_owners = [(m, n) for m in model.modules() for n, _ in m.named_buffers(recurse=False)]
         buffers = [(e, m, n) for (e, n), (m, _) in zip(ema_owners, live_owners, strict=True)]
-        return averaged, live, buffers, fused
+        return averaged, live, buffers
