@@ -63,7 +63,6 @@ from perf_common import (  # noqa: E402
     machine_line,
     matmul_flops_per_s,
     paired_speedup,
-    peak_runs,
     peak_step_runs,
     quiet_compile_logs,
     share_of_peak,
@@ -115,7 +114,6 @@ COMPILED_VARIANTS = (
     Options(precision="bf16", optimizer="fused", compile=True, channels_last=True, keep_freed_memory=True),
 )
 PEAK_NAMES = ("matmul fp32", "conv3x3 fp32", "matmul bf16", "conv3x3 bf16")
-PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -348,14 +346,13 @@ def official_section(args: argparse.Namespace) -> None:
             steps[options.label] = build_train_step(workload, options, device, model=model)
             model = steps[options.label].model
         runs = {k: v.run for k, v in steps.items()}
-        peaks = {precision: peak_runs(device, dtype) for precision, dtype in PEAK_DTYPES.items()}
-        runs.update({f"{kind} {p}": run for p, pair in peaks.items() for kind, (run, _) in pair.items()})
+        peaks, peak_flops = peak_step_runs()  # named as PEAK_NAMES
+        runs.update(peaks)
         timings = time_round_robin(runs, device, args.official_rounds, 1, log)
         for label, step in steps.items():
             precision = step.options.precision
-            share = share_of_peak(
-                flops, timings[label], [(f, timings[f"{k} {precision}"]) for k, (_, f) in peaks[precision].items()]
-            )
+            references = [(peak_flops[k], timings[k]) for k in PEAK_NAMES if k.endswith(precision)]
+            share = share_of_peak(flops, timings[label], references)
             rows.append((name, workload, flops, step.options, timings[label], share))
         del steps, model
     measured = {(name, options.precision): timing for name, _, _, options, timing, _ in rows}
