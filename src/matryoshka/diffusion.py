@@ -15,7 +15,8 @@ import torch
 from matryoshka import schedule as sched
 from matryoshka.typed_config import require
 
-Prediction = Literal["v", "eps", "x0"]
+Prediction = Literal["v", "eps", "x0", "flow"]
+Weighting = Literal["none", "vdm", "min_snr", "soft_min_snr", "sigmoid"]
 Threshold = Literal["clip", "dynamic", "dynamic_if", "none"]
 
 
@@ -27,7 +28,9 @@ class DiffusionConfig:
     v-prediction, loss on eps, clip thresholding.
     """
 
-    schedule: Literal["squaredcos_cap_v2", "cosine_logsnr", "linear"] = "squaredcos_cap_v2"
+    # "rectified_flow": the flow-matching path (1 - t) x0 + t eps; with prediction and loss_target "flow"
+    # this is the flow-matching objective over the pyramid (each level's t shifted by the SNR shift).
+    schedule: Literal["squaredcos_cap_v2", "cosine_logsnr", "linear", "rectified_flow"] = "squaredcos_cap_v2"
     num_train_steps: int = 1000
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02
@@ -39,10 +42,14 @@ class DiffusionConfig:
     # instead divides that level's signal by s (and multiplies it back after sampling).
     shift_schedule: bool = True
     shift_power: float = 1.0
+    # What the network predicts: v, eps, x0, or "flow" (it sees the flow state and predicts eps - x0).
     prediction: Prediction = "v"
     loss_target: Prediction = "eps"
-    loss_weighting: Literal["none", "vdm", "min_snr"] = "none"
-    min_snr_gamma: float = 5.0
+    # Weight of each sample's loss by its level's log-SNR lambda (losses.py has the formulas): one name,
+    # or one per level (highest first). "none" is plain MSE on loss_target.
+    loss_weighting: Weighting | list[Weighting] = "none"
+    min_snr_gamma: float = 5.0  # min_snr and soft_min_snr
+    sigmoid_bias: float | list[float] = 2.0  # sigmoid: w = sigmoid(b - lambda); one b, or one per level
     # Weight of each level's loss, highest resolution first; null = 1 for every level.
     level_weights: list[float] | None = None
     # Fraction of each batch that carries each level (highest first, the last must be 1); null = all.
@@ -56,6 +63,7 @@ class DiffusionConfig:
         require(self.base_snr_scale > 0, "base_snr_scale", "must be positive")
         require(self.shift_power >= 0, "shift_power", "must be >= 0")
         require(self.rescale_signal > 0, "rescale_signal", "must be positive")
+        require(self.min_snr_gamma > 0, "min_snr_gamma", "must be positive")
         if self.level_weights is not None:
             require(all(w >= 0 for w in self.level_weights), "level_weights", "weights must be >= 0")
         if self.mixed_ratio is not None:
@@ -64,13 +72,20 @@ class DiffusionConfig:
 
     def check_levels(self, num_levels: int) -> None:
         """Check the per-level lists against the model's number of levels."""
-        for name in ("level_weights", "mixed_ratio"):
+        for name in ("level_weights", "mixed_ratio", "loss_weighting", "sigmoid_bias"):
             values = getattr(self, name)
+            if not isinstance(values, list):
+                continue
             require(
-                values is None or len(values) == num_levels,
-                name,
-                f"has {len(values or [])} entries but the model has {num_levels} levels",
+                len(values) == num_levels, name, f"has {len(values)} entries but the model has {num_levels} levels"
             )
+
+    def weighting_of(self, level: int) -> str:
+        """The loss weighting of level `level` (0 = highest resolution)."""
+        return self.loss_weighting[level] if isinstance(self.loss_weighting, list) else self.loss_weighting
+
+    def sigmoid_bias_of(self, level: int) -> float:
+        return self.sigmoid_bias[level] if isinstance(self.sigmoid_bias, list) else self.sigmoid_bias
 
 
 @dataclass

@@ -4,11 +4,14 @@ A pyramid is a list of tensors, one per level, highest resolution first: images 
 videos (B, C, T, H, W). Level r is the level above it down-sampled by an integer factor in space
 (average pooling) and, for video, in time (every k-th frame, as ml-mdm does).
 
-Conversions between the three parameterisations, for alpha-bar g (REFERENCE.md section 3):
+Conversions between the parameterisations, for alpha-bar g (REFERENCE.md sections 3 and 4b):
     x_t = sqrt(g) x0 + sqrt(1 - g) eps
     v   = sqrt(g) eps - sqrt(1 - g) x0
     x0  = sqrt(g) x_t - sqrt(1 - g) v          eps = sqrt(1 - g) x_t + sqrt(g) v
     x0  = (x_t - sqrt(1 - g) eps) / sqrt(g)     eps = (x_t - sqrt(g) x0) / sqrt(1 - g)
+    "flow" (flow matching): the network sees the flow state x_f = (1 - t) x0 + t eps = x_t / (sqrt(g) +
+    sqrt(1 - g)), t = sqrt(1 - g) / (sqrt(g) + sqrt(1 - g)), and predicts the velocity u = eps - x0;
+    x0 = x_f - t u. Samplers keep the variance-preserving x_t; `model_input` hands the network its view.
 """
 
 from __future__ import annotations
@@ -93,9 +96,26 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, gamma: torch.Tensor) -> torch
     return g.sqrt() * x0 + (1 - g).sqrt() * eps
 
 
+def _flow_view(x_t: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the flow state x_f, the flow time t) of the variance-preserving state x_t at alpha-bar g."""
+    a, b = g.sqrt(), (1 - g).sqrt()
+    return x_t / (a + b), b / (a + b)
+
+
+def model_input(x_t: torch.Tensor, gamma: torch.Tensor, kind: str) -> torch.Tensor:
+    """What a network of prediction kind `kind` is given for the state x_t: x_t itself, or for "flow"
+    the flow state (1 - t) x0 + t eps."""
+    if kind != "flow":
+        return x_t
+    return _flow_view(x_t, _expand(gamma, x_t))[0]
+
+
 def to_x0(x_t: torch.Tensor, prediction: torch.Tensor, gamma: torch.Tensor, kind: str) -> torch.Tensor:
-    """The clean estimate implied by a network output of the given kind ("v", "eps" or "x0")."""
+    """The clean estimate implied by a network output of the given kind ("v", "eps", "x0" or "flow")."""
     g = _expand(gamma, x_t)
+    if kind == "flow":
+        x_flow, t = _flow_view(x_t, g)
+        return x_flow - t * prediction
     if kind == "v":
         return g.sqrt() * x_t - (1 - g).sqrt() * prediction
     if kind == "eps":
@@ -118,6 +138,9 @@ def from_x0(x_t: torch.Tensor, x0: torch.Tensor, gamma: torch.Tensor, kind: str)
         return x0
     if kind == "eps":
         return eps_from_x0(x_t, x0, gamma)
+    if kind == "flow":
+        x_flow, t = _flow_view(x_t, g)
+        return (x_flow - x0) / t
     if kind == "v":
         return (g.sqrt() * x_t - x0) / (1 - g).sqrt()
     raise ValueError(f"unknown prediction kind {kind!r}")
@@ -132,6 +155,8 @@ def target(x0: torch.Tensor, eps: torch.Tensor, gamma: torch.Tensor, kind: str) 
         return x0
     if kind == "v":
         return g.sqrt() * eps - (1 - g).sqrt() * x0
+    if kind == "flow":
+        return eps - x0
     raise ValueError(f"unknown target kind {kind!r}")
 
 

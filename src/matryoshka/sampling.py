@@ -166,8 +166,8 @@ def sample(
         t, s = steps[index], steps[index + 1]
         t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
         s_batch = torch.full((batch,), s, dtype=torch.long, device=device)
-        predictions = denoiser(x_t, t_batch - 1)
         g_t, g_s = schedule.at(t_batch, x_t[0].dtype), schedule.at(s_batch, x_t[0].dtype)
+        predictions = denoiser([pyr.model_input(x, g, prediction) for x, g in zip(x_t, g_t, strict=True)], t_batch - 1)
         x0s, next_states = [], []
         for level, (x, pred) in enumerate(zip(x_t, predictions, strict=True)):
             x0 = pyr.to_x0(x, pred, g_t[level], prediction)

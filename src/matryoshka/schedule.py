@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-SCHEDULES = ("squaredcos_cap_v2", "cosine_logsnr", "linear")
+SCHEDULES = ("squaredcos_cap_v2", "cosine_logsnr", "linear", "rectified_flow")
 
 
 def squaredcos_cap_v2(num_steps: int) -> torch.Tensor:
@@ -50,6 +50,26 @@ def cosine_logsnr(num_steps: int, logsnr_min: float = -5.0, logsnr_max: float = 
     return torch.from_numpy(np.concatenate(([1.0], gammas)))
 
 
+def rectified_flow(num_steps: int) -> torch.Tensor:
+    """The flow-matching path x_t = (1 - t) x0 + t eps at t = i / T as alpha-bar, shape (T + 1,), float64.
+
+    In variance-preserving terms that state is (1 - t) x0 + t eps = n(t) (sqrt(g) x0 + sqrt(1 - g) eps)
+    with g = (1 - t)^2 / ((1 - t)^2 + t^2), i.e. SNR(t) = ((1 - t) / t)^2 (REFERENCE.md section 4b). The
+    last entry (t = 1, pure noise) is floored at 1e-8 so that log-SNR and SNR weights stay finite.
+    """
+    t = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+    gammas = (1 - t) ** 2 / ((1 - t) ** 2 + t**2)
+    return torch.from_numpy(np.maximum(gammas, 1e-8))
+
+
+def flow_time(gamma: torch.Tensor) -> torch.Tensor:
+    """The flow time t in [0, 1] of alpha-bar g: t = sqrt(1 - g) / (sqrt(g) + sqrt(1 - g)).
+
+    A shifted level's t is the MDM/SD3 time map of the base t (REFERENCE.md section 4b)."""
+    a, b = gamma.sqrt(), (1 - gamma).sqrt()
+    return b / (a + b)
+
+
 def _gammas_from_betas(betas: np.ndarray) -> torch.Tensor:
     # cumsum of logs, as the reference does, so that tables agree to the last bit.
     log_alphas = np.log(1.0 - np.concatenate(([0.0], betas)))
@@ -71,6 +91,8 @@ def base_gammas(
         return linear_betas(num_steps, beta_start, beta_end)
     if name == "cosine_logsnr":
         return cosine_logsnr(num_steps, logsnr_min, logsnr_max)
+    if name == "rectified_flow":
+        return rectified_flow(num_steps)
     raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
 
 
@@ -102,9 +124,9 @@ def interpolate_log_snr(gammas: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
     gammas: (T + 1,) alpha-bar table; t: any shape, continuous index in [0, T] (0 = clean).
     Returns log-SNR of the same shape as t. Index 0 (gamma = 1, log-SNR = +inf) is clamped to a large
-    finite value so that interpolation near t = 0 stays finite.
+    finite value (and a pure-noise end, gamma = 0, to a very negative one) so that interpolation stays finite.
     """
-    table = log_snr(gammas.double()).clamp(max=30.0)
+    table = log_snr(gammas.double()).clamp(min=-30.0, max=30.0)
     num_steps = gammas.numel() - 1
     t = t.double().clamp(0, num_steps)
     lower = t.floor().long().clamp(max=num_steps - 1)

@@ -46,7 +46,7 @@ from matryoshka.schedule import interpolate_log_snr
 
 SOLVERS = ("dpmpp_2m", "euler", "heun")
 METHODS = (*sampling.SAMPLERS, *SOLVERS)
-PREDICTIONS = ("v", "eps", "x0")
+PREDICTIONS = ("v", "eps", "x0", "flow")
 
 ReplaceLevels = Callable[[list[torch.Tensor], float], list[torch.Tensor]]
 
@@ -98,7 +98,11 @@ class _DataPredictor:
 
     def __call__(self, x_t: list[torch.Tensor], t: float, gammas: list[float]) -> list[torch.Tensor]:
         t_model = torch.full((self.batch,), t - 1, dtype=self.dtype, device=self.device)
-        predictions = self.denoiser(x_t, t_model)
+        inputs = [
+            pyr.model_input(x, torch.tensor(g, dtype=x.dtype, device=x.device), self.prediction)
+            for x, g in zip(x_t, gammas, strict=True)
+        ]
+        predictions = self.denoiser(inputs, t_model)
         if len(predictions) != len(x_t):
             raise ValueError(f"the denoiser returned {len(predictions)} levels for a {len(x_t)}-level pyramid")
         x0s = []

@@ -5,7 +5,7 @@ conditioning fidelity with a classifier. The orchestration behind ``matryoshka e
     report = evaluator.evaluate(MatryoshkaPipeline.from_pretrained("runs/fashion/model"), out_dir="eval/")
 
 One ``Evaluator`` keeps the Inception network, the reference features and the classifier loaded, so
-scoring many checkpoints (benchmarks/ablation.py) pays for them once. Everything expensive that depends
+scoring many checkpoints (benchmarks/study.py) pays for them once. Everything expensive that depends
 only on the reference data is cached on disk under a key naming what produced it
 (``matryoshka.evaluation.stats_key``): reference Inception features and statistics, and classifiers
 trained on the fly.
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -91,7 +91,11 @@ class EvalSettings:
         sampler: a name registered with ``matryoshka.pipeline.register_sampler`` ("ddim", ...).
         seed: seeds the sampler noise, the captions and the KID subsets.
         batch_size: images generated (and classified) per forward pass.
-        reference: ``"fashion_mnist"`` (the test split, padded to the model's size) or an image folder.
+        reference: ``"fashion_mnist"`` (the test split, fitted to the model's size) or an image folder.
+        fit: how Fashion-MNIST's 28 px images are fitted to the model's size, for the reference, the
+            real-data floor and a classifier trained on the fly: ``"pad"`` (centred on a black canvas),
+            ``"resize"``, or ``"auto"`` (pad when the model is at least 28 px, else resize). Use the fit
+            the model was trained with (``data.fit`` of its training config).
         num_reference: reference images used (the first ones: the test split, or the sorted folder).
         kid_subsets, kid_subset_size: KID is averaged over this many random subsets of this size
             (capped by the smaller of the two sets).
@@ -107,6 +111,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 100
     reference: str = FASHION_MNIST
+    fit: Literal["auto", "pad", "resize"] = "auto"
     num_reference: int = 2000
     kid_subsets: int = 20
     kid_subset_size: int = 1000
@@ -115,8 +120,15 @@ class EvalSettings:
     classifier_width: int = 16
     device: str = "cpu"
 
+    def resolved_fit(self, image_size: int) -> str:
+        """The Fashion-MNIST fit at `image_size`: `fit`, with "auto" made concrete."""
+        if self.fit != "auto":
+            return self.fit
+        return "pad" if image_size >= 28 else "resize"
+
     def validate(self) -> None:
         checks = [
+            (self.fit in ("auto", "pad", "resize"), "fit", "must be auto, pad or resize"),
             (self.num_samples >= 2, "num_samples", "must be >= 2 (FID needs a covariance)"),
             (self.steps >= 1, "steps", "must be >= 1"),
             (self.batch_size >= 1, "batch_size", "must be >= 1"),
@@ -202,18 +214,20 @@ def _folder_fingerprint(paths: Sequence[Path], root: Path) -> str:
 
 
 def load_reference_images(
-    spec: str, image_size: int, channels: int, limit: int
+    spec: str, image_size: int, channels: int, limit: int, fit: str = "auto"
 ) -> tuple[Callable[[], torch.Tensor], dict[str, Any]]:
     """``(load, description)`` of up to ``limit`` reference images at ``image_size``.
 
-    ``spec``: ``"fashion_mnist"`` (the test split, 28 px centred on a black canvas of ``image_size``,
-    or resized when smaller than 28) or a folder of images (resized + centre-cropped, sorted paths).
+    ``spec``: ``"fashion_mnist"`` (the test split, 28 px centred on a black canvas of ``image_size``
+    (``fit="pad"``) or resized (``"resize"``); ``"auto"``: pad unless smaller than 28) or a folder of
+    images (resized + centre-cropped, sorted paths).
     ``load()`` returns ``(M, channels, S, S)`` in ``[-1, 1]``; the description identifies exactly
     those images (it is the cache key's input), and is cheap to build: nothing is decoded for it.
     """
     description: dict[str, Any] = {"image_size": image_size, "channels": channels}
     if spec == FASHION_MNIST:
-        fit = "pad" if image_size >= 28 else "resize"
+        if fit == "auto":
+            fit = "pad" if image_size >= 28 else "resize"
         dataset = FashionMNIST("test", image_size=image_size, channels=channels, fit=fit)
         count = min(limit, len(dataset))
         description.update(reference="fashion_mnist/test", fit=fit, n=count)
@@ -249,6 +263,7 @@ def reference_set(
     cache_dir: str | Path,
     batch_size: int = 64,
     progress: bool = True,
+    fit: str = "auto",
 ) -> ReferenceSet:
     """Reference features and statistics, from ``cache_dir`` when something identical made them before.
 
@@ -256,7 +271,7 @@ def reference_set(
     extractor's fingerprint (weights + preprocessing); files: ``<key>.npz`` (statistics, see
     ``cached_feature_stats``), ``<key>.json`` (the description) and ``<key>.features.npy``.
     """
-    load, description = load_reference_images(spec, image_size, channels, limit)
+    load, description = load_reference_images(spec, image_size, channels, limit, fit)
     description["extractor"] = extractor.fingerprint
     cache_dir = Path(cache_dir).expanduser()
     features_path = cache_dir / f"{stats_key(description)}.features.npy"
@@ -285,9 +300,11 @@ def fashion_mnist_classifier(
     width: int = 16,
     seed: int = 0,
     progress: bool = True,
+    fit: str = "auto",
 ) -> tuple[SmallCNNClassifier, str]:
     """A classifier trained on the Fashion-MNIST train split (cached); returns it and where it lives."""
-    fit = "pad" if image_size >= 28 else "resize"
+    if fit == "auto":
+        fit = "pad" if image_size >= 28 else "resize"
     description = {
         "classifier": "SmallCNNClassifier", "dataset": "fashion_mnist/train", "fit": fit, "image_size": image_size,
         "channels": channels, "epochs": epochs, "width": width, "seed": seed,
@@ -440,6 +457,7 @@ class Evaluator:
             self._references[key] = reference_set(
                 self.inception(), self.settings.reference, image_size, channels, self.settings.num_reference,
                 self.cache_dir, batch_size=self.settings.batch_size, progress=self.progress,
+                fit=self.settings.resolved_fit(image_size),
             )
         return self._references[key]
 
@@ -452,6 +470,7 @@ class Evaluator:
                 self._classifier = fashion_mnist_classifier(
                     self.cache_dir, image_size, channels, self.settings.classifier_epochs,
                     self.settings.classifier_width, progress=self.progress,
+                    fit=self.settings.resolved_fit(image_size),
                 )
         return self._classifier
 

@@ -342,9 +342,10 @@ def diffusion_loss(
     noisy = [
         pyr.add_noise(x[:n], eps[:n], g[:n]) for x, eps, g, n in zip(clean, noise, gammas, rows, strict=True)
     ]
+    inputs = [pyr.model_input(x, g[:n], diffusion.prediction) for x, g, n in zip(noisy, gammas, rows, strict=True)]
     if channels_last:
-        noisy = [x.contiguous(memory_format=torch.channels_last) for x in noisy]
-    predictions = model(noisy, t, **conditioning)
+        inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
+    predictions = model(inputs, t, **conditioning)
     return multi_resolution_loss(predictions, clean, noise, noisy, t, schedule, diffusion)
 
 

@@ -28,7 +28,14 @@ def stage_diffusion(diffusion: DiffusionConfig, stage: StageConfig) -> Diffusion
     if weights is None and diffusion.level_weights is not None:
         weights = diffusion.level_weights[-k:]
     mixed = diffusion.mixed_ratio[-k:] if diffusion.mixed_ratio is not None else None
-    return dataclasses.replace(diffusion, level_weights=weights, mixed_ratio=mixed)
+
+    def innermost(values):  # a per-level list, or one value for every level
+        return values[-k:] if isinstance(values, list) else values
+
+    return dataclasses.replace(
+        diffusion, level_weights=weights, mixed_ratio=mixed, loss_weighting=innermost(diffusion.loss_weighting),
+        sigmoid_bias=innermost(diffusion.sigmoid_bias),
+    )
 
 
 def stage_mdm_config(config: TrainConfig, stage_index: int) -> MDMConfig:

@@ -1,0 +1,254 @@
+"""The modern training objectives over the pyramid: sigmoid / soft-min-SNR weightings and flow matching.
+
+The weightings are checked against their closed forms in the frame each paper states them in; the flow
+objective (its x_t, its target, the samplers) against a Gaussian toy problem whose optimal velocity and
+final distribution are known exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from matryoshka import pyramid as pyr
+from matryoshka import sampling, solvers
+from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
+from matryoshka.losses import multi_resolution_loss
+from matryoshka.schedule import flow_time, rectified_flow, shift, spaced_timesteps
+from matryoshka.training.loop import diffusion_loss
+from matryoshka.typed_config import ConfigError, from_dict
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def random_batch(levels: int = 2, batch: int = 64, seed: int = 0, target: str = "eps", **diffusion):
+    """A 2-level pyramid batch with random predictions, and its config and schedule."""
+    config = DiffusionConfig(loss_target=target, **diffusion)
+    scales = [2**i for i in reversed(range(levels))]
+    schedule = PyramidSchedule.from_config(config, scales)
+    g = torch.Generator().manual_seed(seed)
+    clean = [torch.rand(batch, 1, 4 * s, 4 * s, generator=g) * 2 - 1 for s in scales]
+    noise = [torch.randn(x.shape, generator=g) for x in clean]
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    gammas = schedule.at(t + 1)
+    noisy = [pyr.add_noise(x, e, gr) for x, e, gr in zip(clean, noise, gammas, strict=True)]
+    predictions = [torch.randn(x.shape, generator=g) for x in clean]
+    return config, schedule, clean, noise, noisy, t, predictions
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).double().pow(2).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize("target", ["eps", "v", "x0", "flow"])
+@pytest.mark.parametrize("bias", [2.0, -1.0])
+def test_sigmoid_weighting_is_sigmoid_of_bias_minus_log_snr_on_the_eps_error(target: str, bias: float):
+    """Whatever the loss target, the sigmoid-weighted loss is sigmoid(b - lambda) * MSE_eps (Kingma & Gao)."""
+    config, schedule, clean, noise, noisy, t, predictions = random_batch(
+        target=target, loss_weighting="sigmoid", sigmoid_bias=bias
+    )
+    loss = multi_resolution_loss(predictions, clean, noise, noisy, t, schedule, config)
+    for r in range(2):
+        g = schedule.at(t + 1, dtype=torch.float64)[r]
+        lam = torch.log(g / (1 - g))
+        eps_hat = pyr.convert(noisy[r], predictions[r], g.float(), config.prediction, "eps")
+        expected = torch.sigmoid(bias - lam) * mse(eps_hat, noise[r])
+        torch.testing.assert_close(loss.per_level[r].double(), expected, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma_value", [1.0, 4.0])
+def test_soft_min_snr_is_k_diffusions_weighting_on_its_preconditioned_target(gamma_value: float):
+    """k-diffusion: (sigma sd)^2 / (sigma^2 + sd^2)^2 * MSE(F), F the EDM-preconditioned target, VE sigma^2 =
+    1 / SNR; with sd = 1 / sqrt(gamma) that is our x0-frame loss."""
+    config, schedule, clean, noise, noisy, t, predictions = random_batch(
+        target="x0", loss_weighting="soft_min_snr", min_snr_gamma=gamma_value
+    )
+    loss = multi_resolution_loss(predictions, clean, noise, noisy, t, schedule, config)
+    sd = 1 / math.sqrt(gamma_value)
+    for r in range(2):
+        g = schedule.at(t + 1, dtype=torch.float64)[r]
+        sigma = ((1 - g) / g).sqrt()
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        x0_hat = pyr.to_x0(noisy[r], predictions[r], g.float(), config.prediction)
+        mse_f = mse(x0_hat, clean[r]) / c_out**2  # D = c_skip y + c_out F: the F error is the x0 error / c_out
+        expected = (sigma * sd) ** 2 / (sigma**2 + sd**2) ** 2 * mse_f
+        torch.testing.assert_close(loss.per_level[r].double(), expected, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["eps", "v", "x0"])
+def test_min_snr_keeps_its_published_form_per_target(target: str):
+    """min(SNR, gamma) / SNR on eps, min(SNR, gamma) / (SNR + 1) on v, min(SNR, gamma) on x0."""
+    config, schedule, clean, noise, noisy, t, predictions = random_batch(target=target, loss_weighting="min_snr")
+    plain = multi_resolution_loss(predictions, clean, noise, noisy, t, schedule, dataclasses.replace(
+        config, loss_weighting="none"))
+    weighted = multi_resolution_loss(predictions, clean, noise, noisy, t, schedule, config)
+    g = schedule.at(t + 1, dtype=torch.float64)[0]
+    snr = g / (1 - g)
+    clipped = snr.clamp(max=5.0)
+    expected = {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[target]
+    torch.testing.assert_close(weighted.per_level[0].double(), plain.per_level[0].double() * expected, rtol=2e-4,
+                               atol=1e-7)
+
+
+def test_weighting_per_level_and_its_validation():
+    config, schedule, clean, noise, noisy, t, predictions = random_batch(
+        loss_weighting=["sigmoid", "none"], sigmoid_bias=[0.5, 3.0]
+    )
+    loss = multi_resolution_loss(predictions, clean, noise, noisy, t, schedule, config)
+    g = schedule.at(t + 1, dtype=torch.float64)
+    plain = multi_resolution_loss(predictions, clean, noise, noisy, t, schedule, dataclasses.replace(
+        config, loss_weighting="none"))
+    torch.testing.assert_close(loss.per_level[1], plain.per_level[1])
+    lam = torch.log(g[0] / (1 - g[0]))
+    torch.testing.assert_close(loss.per_level[0].double(), torch.sigmoid(0.5 - lam) * plain.per_level[0].double(),
+                               rtol=2e-4, atol=1e-7)
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        from_dict(DiffusionConfig, {"loss_weighting": ["sigmoid", "bad"]})
+    with pytest.raises(ConfigError, match="loss_weighting: has 3 entries but the model has 2 levels"):
+        from_dict(DiffusionConfig, {"loss_weighting": ["none"] * 3}).check_levels(2)
+
+
+def test_a_stage_takes_the_innermost_per_level_weightings():
+    from matryoshka.training.config import StageConfig
+    from matryoshka.training.stages import stage_diffusion
+
+    config = DiffusionConfig(loss_weighting=["sigmoid", "soft_min_snr", "none"], sigmoid_bias=[1.0, 2.0, 3.0])
+    core = stage_diffusion(config, StageConfig(levels=1, steps=1))
+    assert core.loss_weighting == ["none"] and core.sigmoid_bias == [3.0]
+    assert stage_diffusion(DiffusionConfig(loss_weighting="sigmoid"), StageConfig(levels=2, steps=1)).loss_weighting \
+        == "sigmoid"
+
+
+# ------------------------------------------------------------------------------------------------
+# Flow matching on a Gaussian toy: x0 ~ N(m, s^2) per pixel, so every level is Gaussian and the optimal
+# velocity E[eps - x0 | x_f] is linear in the flow state x_f = (1 - t) x0 + t eps.
+
+MEAN, STD = 0.2, 0.3
+
+
+def optimal_velocity(x_flow: torch.Tensor, t: torch.Tensor, std: float) -> torch.Tensor:
+    t = pyr._expand(t, x_flow)
+    variance = (1 - t) ** 2 * std**2 + t**2
+    centred = x_flow - (1 - t) * MEAN
+    e_eps = t / variance * centred
+    e_x0 = MEAN + (1 - t) * std**2 / variance * centred
+    return e_eps - e_x0
+
+
+class ExactFlowModel(torch.nn.Module):
+    """Predicts the exact velocity of every level from its flow input and its shifted flow time, and
+    records what it was given."""
+
+    def __init__(self, schedule: PyramidSchedule) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.inputs: list[list[torch.Tensor]] = []
+
+    def forward(self, pyramid, t, **_):
+        self.inputs.append(pyramid)
+        out = []
+        for r, x in enumerate(pyramid):
+            index = t.double() + 1  # the network gets t - 1 for the state at index t
+            values, where = index.unique(return_inverse=True)
+            gamma = torch.tensor([solvers.level_gammas(self.schedule, float(i))[r] for i in values],
+                                 dtype=torch.float64)[where]
+            out.append(optimal_velocity(x, flow_time(gamma).to(x.dtype), STD / 2**r))
+        return out
+
+
+def flow_config(**changes) -> DiffusionConfig:
+    return DiffusionConfig(schedule="rectified_flow", prediction="flow", loss_target="flow", threshold="none",
+                           **changes)
+
+
+def test_rectified_flow_schedule_and_its_per_level_shift_are_the_time_map():
+    """SNR(t) = ((1 - t) / t)^2 at t = i / T; the SNR shift by s^p is t_r = k t / (1 + (k - 1) t), k = s^(p/2)."""
+    table = rectified_flow(1000)
+    t = torch.arange(1, 1000, dtype=torch.float64) / 1000
+    torch.testing.assert_close(table[1:1000] / (1 - table[1:1000]), ((1 - t) / t) ** 2)
+    assert table[0] == 1 and 0 < table[1000] <= 1e-8
+    for scale, power in ((2, 1.0), (4, 2.0)):
+        k = scale ** (power / 2)
+        torch.testing.assert_close(flow_time(shift(table, scale, power))[1:1000], k * t / (1 + (k - 1) * t))
+
+
+def test_flow_objective_gives_the_network_the_flow_state_and_regresses_the_velocity():
+    config = flow_config(shift_power=1.0)
+    schedule = PyramidSchedule.from_config(config, [2, 1])
+    model = ExactFlowModel(schedule)
+    g = torch.Generator().manual_seed(0)
+    batch = 20000
+    images = MEAN + STD * torch.randn(batch, 1, 4, 4, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    noise = [torch.randn(batch, 1, 4, 4, generator=g), torch.randn(batch, 1, 2, 2, generator=g)]
+    loss = diffusion_loss(model, images, [2, 1], t, noise, {}, schedule, config)
+
+    clean = pyr.build_pyramid(images, [2, 1])
+    for r in range(2):
+        t_r = flow_time(schedule.at(t + 1, dtype=torch.float64)[r]).float()
+        expected_input = pyr._expand(1 - t_r, clean[r]) * clean[r] + pyr._expand(t_r, clean[r]) * noise[r]
+        torch.testing.assert_close(model.inputs[0][r], expected_input, rtol=1e-4, atol=1e-4)
+        # At the exact velocity the loss is the conditional variance of eps - x0 given x_f, per pixel:
+        # Var(eps - x0) - Cov(eps - x0, x_f)^2 / Var(x_f).
+        std = STD / 2**r
+        variance = (1 - t_r) ** 2 * std**2 + t_r**2
+        residual = (1 + std**2) - (t_r - (1 - t_r) * std**2) ** 2 / variance
+        standard_error = loss.per_level[r].std().item() / batch**0.5
+        assert abs(loss.per_level[r].mean().item() - residual.mean().item()) < 4 * standard_error
+
+
+@pytest.mark.parametrize("method", ["ddim", "euler", "heun", "dpmpp_2m"])
+def test_samplers_take_the_exact_flow_to_the_data_distribution(method: str):
+    config = flow_config(shift_power=1.0)
+    schedule = PyramidSchedule.from_config(config, [2, 1])
+    model = ExactFlowModel(schedule)
+    g = torch.Generator().manual_seed(1)
+    noise = [torch.randn(2000, 1, 4, 4, generator=g), torch.randn(2000, 1, 2, 2, generator=g)]
+    # First-order methods need more steps for 2% on the spread: the Gaussian's flow path bends near t = s^2.
+    timesteps = spaced_timesteps(1000, {"ddim": 200, "euler": 200, "heun": 25, "dpmpp_2m": 50}[method])
+    out = solvers.run_sampler(model, noise, schedule, timesteps, method=method, prediction="flow",
+                              threshold_kind="none")
+    for r, x in enumerate(out):
+        assert abs(x.mean().item() - MEAN) < 0.01
+        assert abs(x.std().item() - STD / 2**r) < 0.02 * STD / 2**r
+
+
+def test_flow_euler_in_flow_time_is_ddim():
+    """x_s = x_t + (t_s - t) u in flow coordinates is, step for step, the DDIM update of the VP state."""
+    config = flow_config(shift_power=1.0)
+    schedule = PyramidSchedule.from_config(config, [2, 1])
+    model = ExactFlowModel(schedule)
+    g = torch.Generator().manual_seed(2)
+    x_t = [torch.randn(8, 1, 4, 4, generator=g), torch.randn(8, 1, 2, 2, generator=g)]
+    t_index, s_index = 700, 600
+    gam_t, gam_s = schedule.at(torch.tensor([t_index])), schedule.at(torch.tensor([s_index]))
+    ddim = sampling.sample(model, x_t, schedule, torch.tensor([t_index, s_index]), prediction="flow",
+                           threshold_kind="none")
+    velocity = model([pyr.model_input(x, gm, "flow") for x, gm in zip(x_t, gam_t, strict=True)],
+                     torch.tensor([t_index - 1] * 8))
+    for r in range(2):
+        x_flow, tt = pyr.model_input(x_t[r], gam_t[r], "flow"), flow_time(gam_t[r].double()).float()
+        ts = flow_time(gam_s[r].double()).float()
+        euler_flow = x_flow + (ts - tt) * velocity[r]
+        a, b = gam_s[r].sqrt(), (1 - gam_s[r]).sqrt()
+        torch.testing.assert_close(ddim[r], (euler_flow * (a + b)).clip(-1, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["sigmoid", "soft_min_snr"])
+def test_weighted_and_flow_models_train_and_sample_through_the_pipeline(tmp_path, weighting: str):
+    from matryoshka.pipeline import MatryoshkaPipeline
+    from matryoshka.training import train
+    from matryoshka.training.testing import tiny_config
+
+    flow = ["mdm.diffusion.schedule=rectified_flow", "mdm.diffusion.prediction=flow", "mdm.diffusion.loss_target=flow"]
+    result = train(tiny_config([*flow, f"mdm.diffusion.loss_weighting={weighting}"]), tmp_path / "run")
+    assert all(math.isfinite(v) for k, v in result.losses.items() if k.startswith("loss"))
+    pipe = MatryoshkaPipeline.from_pretrained(result.model_dir)
+    assert pipe.config.diffusion.prediction == "flow"
+    for sampler in ("ddim", "heun"):
+        out = pipe(class_labels=[1, 2], num_inference_steps=3, guidance_scale=2.0, sampler=sampler, generator=0,
+                   progress=False)
+        assert torch.isfinite(out.tensors[0]).all() and out.tensors[0].shape == (2, 1, 16, 16)
