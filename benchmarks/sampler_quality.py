@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 from matryoshka import pyramid as pyr
-from matryoshka import sampling, solvers
+from matryoshka import solvers
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
+from matryoshka.guidance import classifier_free_guidance
 from matryoshka.schedule import spaced_timesteps
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "src" / "matryoshka" / "assets" / "fashion-t2i"
@@ -131,7 +132,7 @@ def make_denoiser(directory: Path, device: torch.device, samples: int, guidance:
     else:
         what = "unconditional"
     if conditional:
-        denoiser = sampling.classifier_free_guidance(pipe.model, conditional, unconditional, guidance)
+        denoiser = classifier_free_guidance(pipe.model, conditional, unconditional, guidance)
     else:
         def denoiser(pyramid, t):
             return pipe.model(pyramid, t)

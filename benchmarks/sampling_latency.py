@@ -54,6 +54,7 @@ from perf_common import (  # noqa: E402
 
 from matryoshka import sampling  # noqa: E402
 from matryoshka.diffusion import PyramidSchedule  # noqa: E402
+from matryoshka.guidance import classifier_free_guidance  # noqa: E402
 from matryoshka.schedule import spaced_timesteps  # noqa: E402
 
 MODELS = ("tiny", "tiny_t2i", "official64", "official256")
@@ -80,9 +81,9 @@ def branches(workload: Workload, rows: int, device: torch.device, seed: int = 0)
 def make_denoiser(forward: Callable, cond: dict, uncond: dict, mode: str, bf16: bool, device: torch.device):
     """The denoiser of one path: mode "batched", "two" (two forwards) or "none" (no guidance)."""
     if mode == "batched":
-        guided = sampling.classifier_free_guidance(forward, cond, uncond, GUIDANCE)
+        guided = classifier_free_guidance(forward, cond, uncond, GUIDANCE)
     elif mode == "none":
-        guided = sampling.classifier_free_guidance(forward, cond, uncond, 1.0)
+        guided = classifier_free_guidance(forward, cond, uncond, 1.0)
     else:
 
         def guided(pyramid, t):

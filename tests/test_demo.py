@@ -85,8 +85,14 @@ def pipe(model_dir) -> MatryoshkaPipeline:
     return MatryoshkaPipeline.from_pretrained(model_dir)
 
 
+
+def fields(prompt: str, steps: int, guidance: float, seed: int, n: int) -> dict:
+    return {"prompt": prompt, "steps": steps, "guidance": guidance, "seed": seed, "num_images": n}
+
 def request(pipe, prompt="a red sneaker", negative="", steps=4, guidance=5.0, seed=0, sampler="ddim", n=1, **kw):
-    return generate_request(pipe, prompt, negative, steps, guidance, seed, sampler, n, LIMITS, **kw)
+    fields = {"prompt": prompt, "negative_prompt": negative, "steps": steps, "guidance": guidance, "seed": seed,
+              "sampler": sampler, "num_images": n}
+    return generate_request(pipe, fields, LIMITS, **kw)
 
 
 def arrays(images_per_level) -> list[list[list]]:
@@ -183,7 +189,7 @@ def test_step_hook_sees_every_step_and_every_level(pipe):
 def test_stream_yields_previews_then_the_result(pipe):
     progress = []
     updates = list(
-        stream_request(pipe, "a bag", "", 6, 3.0, 1, "ddim", 2, LIMITS, progress=lambda f, d: progress.append(f))
+        stream_request(pipe, fields("a bag", 6, 3.0, 1, 2), LIMITS, progress=lambda f, d: progress.append(f))
     )
     *previews, (images, info, done) = updates
     assert done and "seed 1" in info
@@ -197,7 +203,7 @@ def test_stream_yields_previews_then_the_result(pipe):
 
 def test_closing_the_stream_cancels_the_request(pipe):
     with count_forwards(pipe) as calls:
-        stream = stream_request(pipe, "a coat", "", 12, 3.0, 0, "ddim", 1, LIMITS)
+        stream = stream_request(pipe, fields("a coat", 12, 3.0, 0, 1), LIMITS)
         first = next(stream)
         assert not first[2]
         stream.close()  # the page went away
@@ -316,7 +322,7 @@ def test_concurrent_requests_neither_crash_nor_mix_outputs(pipe):
         try:
             start.wait(timeout=30)
             if streamed:  # what the page runs: the streaming wrapper around generate_request
-                *_, (images, _, _) = stream_request(pipe, prompt, "", steps, 5.0, seed, "ddim", n, LIMITS)
+                *_, (images, _, _) = stream_request(pipe, fields(prompt, steps, 5.0, seed, n), LIMITS)
             else:
                 images, _ = request(pipe, prompt, steps=steps, seed=seed, n=n)
             results[job, streamed] = arrays(images)

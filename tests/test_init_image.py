@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from matryoshka import pyramid as pyr
 from matryoshka import sampling, solvers
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
+from matryoshka.guidance import classifier_free_guidance
 from matryoshka.models import LevelConfig, ModelConfig, NestedUNet
 from matryoshka.schedule import spaced_timesteps
 
@@ -48,7 +49,7 @@ def nested_gaussian_denoiser(schedule: PyramidSchedule):
     pixel, each weighted by its own (shifted) SNR. Returned as v for both levels."""
 
     def denoise(x_t: list[torch.Tensor], t_model: torch.Tensor) -> list[torch.Tensor]:
-        g_top, g_base = solvers.level_gammas(schedule, float(t_model[0]) + 1)
+        g_top, g_base = schedule.gammas_at(float(t_model[0]) + 1)
         top, base = x_t
         precision = 1 / DATA_STD**2 + 4 * g_top / (1 - g_top) + g_base / (1 - g_base)
         block_sum = 4 * F.avg_pool2d(top, 2)
@@ -140,7 +141,7 @@ def test_fractional_times_and_signal_scales(schedule):
     noise = pyr.sample_noise(clean, torch.Generator().manual_seed(1))
 
     def oracle(x_t, t):
-        gammas = solvers.level_gammas(scaled, float(t[0]) + 1)
+        gammas = scaled.gammas_at(float(t[0]) + 1)
         targets = scaled.scale_signal(clean)
         return [pyr.from_x0(x, c, torch.tensor(g), "v") for x, c, g in zip(x_t, targets, gammas, strict=True)]
 
@@ -150,7 +151,7 @@ def test_fractional_times_and_signal_scales(schedule):
     torch.testing.assert_close(out[1], clean[1], atol=1e-5, rtol=0)
     # at a fractional time the known level is noised with the interpolated schedule
     mid = hook([torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 4, 4)], 350.5)[0]
-    g = solvers.level_gammas(scaled, 350.5)[0]
+    g = scaled.gammas_at(350.5)[0]
     assert scaled.gammas[0, 351] < g < scaled.gammas[0, 350]
     assert abs(rmse(mid, math.sqrt(g) * top / 2) - math.sqrt(1 - g)) < 0.3
 
@@ -178,7 +179,7 @@ def test_per_level_guidance_scales_reach_each_level():
         cond = model(pyramid, t, labels=labels)
         uncond = model(pyramid, t, labels=null)
         scales = [1.0, 4.0]
-        guided = sampling.classifier_free_guidance(model, {"labels": labels}, {"labels": null}, scales)(pyramid, t)
+        guided = classifier_free_guidance(model, {"labels": labels}, {"labels": null}, scales)(pyramid, t)
     for level, w in enumerate(scales):
         assert not torch.allclose(cond[level], uncond[level])  # the label reaches this level
         torch.testing.assert_close(guided[level], uncond[level] + w * (cond[level] - uncond[level]),
@@ -187,7 +188,7 @@ def test_per_level_guidance_scales_reach_each_level():
     # and through a whole sampling run, each level's scale changes only what it should at the first step
     seen = []
     for scales in ([1.0, 4.0], [1.0, 1.0], [4.0, 1.0]):
-        guided_denoiser = sampling.classifier_free_guidance(model, {"labels": labels}, {"labels": null}, scales)
+        guided_denoiser = classifier_free_guidance(model, {"labels": labels}, {"labels": null}, scales)
         states = []
         solvers.run_sampler(guided_denoiser, pyramid, PyramidSchedule.from_config(DiffusionConfig(), config.scales),
                             torch.tensor([500, 250]), method="dpmpp_2m", callback=states.append)

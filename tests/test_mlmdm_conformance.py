@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from matryoshka import losses, sampling
 from matryoshka import pyramid as pyr
 from matryoshka.diffusion import PyramidSchedule
+from matryoshka.guidance import classifier_free_guidance
 from matryoshka.interop import load_official
 from matryoshka.schedule import spaced_timesteps
 
@@ -116,7 +117,7 @@ def test_sampler_trajectory(fixture):
         cond = {"text_states": text[batch:], "text_mask": None if mask is None else mask[batch:]}
     else:
         uncond = cond = {"text_states": text, "text_mask": mask}
-    denoiser = sampling.classifier_free_guidance(model, cond, uncond, guidance)
+    denoiser = classifier_free_guidance(model, cond, uncond, guidance)
     timesteps = tensors["timesteps"].long()
     eta = float(meta.get("ddim_eta", 0.0))
     checked = []

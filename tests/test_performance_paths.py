@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from matryoshka import sampling
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
+from matryoshka.guidance import classifier_free_guidance
 from matryoshka.models import NestedUNet
 from matryoshka.models.layers import Attention, GroupNorm, attention
 from matryoshka.schedule import spaced_timesteps
@@ -374,7 +375,7 @@ def test_cuda_guided_sampling_loop_never_waits_for_the_gpu():
     noise = [torch.randn(2, 1, s, s, device="cuda", generator=generator) for s in model.config.sizes]
     cond = {"labels": torch.tensor([1, 2], device="cuda")}
     uncond = {"labels": torch.full((2,), 10, device="cuda")}
-    denoiser = sampling.classifier_free_guidance(model, cond, uncond, 3.0)
+    denoiser = classifier_free_guidance(model, cond, uncond, 3.0)
     timesteps = spaced_timesteps(1000, 5)
 
     def run():

@@ -153,7 +153,7 @@ class ExactFlowModel(torch.nn.Module):
         for r, x in enumerate(pyramid):
             index = t.double() + 1  # the network gets t - 1 for the state at index t
             values, where = index.unique(return_inverse=True)
-            gamma = torch.tensor([solvers.level_gammas(self.schedule, float(i))[r] for i in values],
+            gamma = torch.tensor([self.schedule.gammas_at(float(i))[r] for i in values],
                                  dtype=torch.float64)[where]
             out.append(optimal_velocity(x, flow_time(gamma).to(x.dtype), STD / 2**r))
         return out

@@ -49,8 +49,14 @@ def pipe(tmp_path_factory) -> MatryoshkaPipeline:
     return MatryoshkaPipeline.from_pretrained(directory)
 
 
+
+def fields(prompt: str, steps: int, guidance: float, seed: int, n: int) -> dict:
+    return {"prompt": prompt, "steps": steps, "guidance": guidance, "seed": seed, "num_images": n}
+
 def request(pipe, prompt="boot", negative="", steps=3, guidance=2.0, seed=0, sampler="ddim", n=1):
-    return generate_request(pipe, prompt, negative, steps, guidance, seed, sampler, n, LIMITS)
+    fields = {"prompt": prompt, "negative_prompt": negative, "steps": steps, "guidance": guidance, "seed": seed,
+              "sampler": sampler, "num_images": n}
+    return generate_request(pipe, fields, LIMITS)
 
 
 def pixels(images_per_level) -> list:
@@ -108,7 +114,7 @@ def test_a_burst_of_mostly_bad_concurrent_requests_neither_crashes_nor_mixes(pip
         try:
             start.wait(timeout=60)
             if streamed:
-                *_, (images, _, _) = stream_request(pipe, job[0], "", 3, 2.0, job[1], "ddim", 1, LIMITS)
+                *_, (images, _, _) = stream_request(pipe, fields(job[0], 3, 2.0, job[1], 1), LIMITS)
             else:
                 images, _ = request(pipe, job[0], seed=job[1])
             results[job, streamed] = pixels(images)

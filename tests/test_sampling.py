@@ -8,6 +8,7 @@ import torch
 from matryoshka import pyramid as pyr
 from matryoshka import sampling
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
+from matryoshka.guidance import classifier_free_guidance
 from matryoshka.schedule import spaced_timesteps
 
 
@@ -79,12 +80,12 @@ def test_guidance_runs_both_branches_in_one_batch_and_combines_per_level():
 
     cond = {"text_states": torch.ones(2, 3, 4), "text_mask": torch.ones(2, 3)}
     uncond = {"text_states": torch.zeros(2, 1, 4), "text_mask": torch.ones(2, 1)}  # shorter: padded
-    guided = sampling.classifier_free_guidance(model, cond, uncond, [2.0, 3.0])
+    guided = classifier_free_guidance(model, cond, uncond, [2.0, 3.0])
     out = guided([torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 2, 2)], torch.tensor([5, 5]))
     assert calls == [4]
     assert torch.allclose(out[0], torch.full_like(out[0], 24.0))  # 0 + 2 * (12 - 0)
     assert torch.allclose(out[1], torch.full_like(out[1], 36.0))
-    plain = sampling.classifier_free_guidance(model, cond, uncond, 1.0)
+    plain = classifier_free_guidance(model, cond, uncond, 1.0)
     plain([torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 2, 2)], torch.tensor([5, 5]))
     assert calls[-1] == 2  # scale 1: the conditional branch alone
 

@@ -27,7 +27,7 @@ def oracle(clean: list[torch.Tensor], schedule: PyramidSchedule, kind: str = "v"
     """Knows the clean pyramid: returns the exact prediction of `kind` at any (fractional) time."""
 
     def denoise(x_t: list[torch.Tensor], t_model: torch.Tensor) -> list[torch.Tensor]:
-        gammas = solvers.level_gammas(schedule, float(t_model[0]) + 1)
+        gammas = schedule.gammas_at(float(t_model[0]) + 1)
         return [pyr.from_x0(x, c, torch.tensor(g), kind) for x, c, g in zip(x_t, clean, gammas, strict=True)]
 
     return denoise
@@ -38,7 +38,7 @@ def gaussian_denoiser(stds: list[float], schedule: PyramidSchedule):
     E[x0 | x_t] = sqrt(g) s^2 / (g s^2 + 1 - g) x_t, returned as v."""
 
     def denoise(x_t: list[torch.Tensor], t_model: torch.Tensor) -> list[torch.Tensor]:
-        gammas = solvers.level_gammas(schedule, float(t_model[0]) + 1)
+        gammas = schedule.gammas_at(float(t_model[0]) + 1)
         out = []
         for x, g, s in zip(x_t, gammas, stds, strict=True):
             x0 = math.sqrt(g) * s**2 / (g * s**2 + 1 - g) * x
@@ -92,9 +92,9 @@ def test_fractional_timesteps_interpolate_the_shifted_log_snr(schedule, method):
 
 def test_continuous_gammas_match_the_table_at_integers_and_are_clean_at_zero(schedule):
     for t in (1, 17, 500, 1000):
-        assert solvers.level_gammas(schedule, t) == pytest.approx(schedule.gammas[:, t].tolist(), rel=1e-12)
-    assert solvers.level_gammas(schedule, 0) == [1.0, 1.0]
-    between = solvers.level_gammas(schedule, 500.5)
+        assert schedule.gammas_at(t) == pytest.approx(schedule.gammas[:, t].tolist(), rel=1e-12)
+    assert schedule.gammas_at(0) == [1.0, 1.0]
+    between = schedule.gammas_at(500.5)
     # each level has its own (shifted) schedule, and a midpoint lies between its neighbours
     assert between[0] < between[1]
     for level in range(2):
@@ -123,7 +123,7 @@ def test_gaussian_data_dpmpp_beats_ddim_at_ten_steps_and_variances_approach_the_
     denoiser = gaussian_denoiser(stds, schedule)
     steps = spaced_timesteps(1000, 10)  # 910, 819, ..., 91, 0
     start = int(steps[0])
-    exact = gaussian_flow_solution(noise, stds, solvers.level_gammas(schedule, start))
+    exact = gaussian_flow_solution(noise, stds, schedule.gammas_at(start))
     # The fine reference integrates the same ODE from the same start with every integer step (910 steps).
     fine = solvers.run_sampler(denoiser, noise, schedule, torch.arange(start, -1, -1), method="ddim",
                                threshold_kind="none")
@@ -162,7 +162,7 @@ def test_dpmpp_error_shrinks_faster_than_ddim_with_more_steps(schedule):
     generator = torch.Generator().manual_seed(1)
     noise = [torch.randn(32, 1, 8, 8, generator=generator), torch.randn(32, 1, 4, 4, generator=generator)]
     denoiser = gaussian_denoiser(stds, schedule)
-    exact = gaussian_flow_solution(noise, stds, solvers.level_gammas(schedule, 900))
+    exact = gaussian_flow_solution(noise, stds, schedule.gammas_at(900))
     errors: dict[str, list[float]] = {"ddim": [], "dpmpp_2m": []}
     for num_steps in (10, 20):
         steps = torch.linspace(900, 0, num_steps + 1).round().long()
@@ -181,7 +181,7 @@ def test_thresholding_applies_to_the_data_prediction(schedule):
     seen = []
 
     def wild(x_t, t):
-        gammas = solvers.level_gammas(schedule, float(t[0]) + 1)
+        gammas = schedule.gammas_at(float(t[0]) + 1)
         return [pyr.from_x0(x, torch.full_like(x, 5.0), torch.tensor(g), "v") for x, g in zip(x_t, gammas, strict=True)]
 
     for method in solvers.SOLVERS:

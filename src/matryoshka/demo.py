@@ -2,9 +2,9 @@
 
 Two layers, so that everything a request can do is testable without a browser:
 
-* `generate_request(pipe, prompt, ..., limits)` validates one request against `DemoLimits` (steps,
-  image count, prompt length, characters, finite numbers) and runs the pipeline under a lock held
-  per pipeline, so concurrent callers are served one at a time and never see each other's images.
+* `generate_request(pipe, fields, limits)` validates one request (a mapping of its fields) against
+  `DemoLimits` (steps, image count, prompt length, characters, finite numbers) and runs the pipeline
+  under a lock held per pipeline, so concurrent callers are served one at a time and never see each other's images.
   Bad requests raise `DemoRequestError` (a ValueError) whose message names the field.
 * `build_demo(pipe, limits)` lays out the page: inputs, one gallery per pyramid level (highest
   resolution first), denoising progress (gr.Progress plus the x0 estimates of every level streamed
@@ -20,7 +20,7 @@ import threading
 import time
 import unicodedata
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from matryoshka.data import tensor_to_pil
+from matryoshka.guidance import GuidanceInterval
 from matryoshka.pipeline import MatryoshkaPipeline, available_samplers
 from matryoshka.typed_config import require
 
@@ -84,6 +85,16 @@ class DemoRequest:
     seed: int
     sampler: str
     num_images: int
+    guidance_interval: tuple[float, float] | None = None  # in sigma; None = every step
+    guidance_rescale: float = 0.0
+    autoguidance: bool = False  # guide with the demo's guide model instead of the unconditional branch
+
+
+# What a request may carry, and the value a missing field takes (seed None: a random seed).
+REQUEST_DEFAULTS: dict[str, Any] = {
+    "prompt": "", "negative_prompt": "", "steps": 20, "guidance": 3.0, "seed": None, "sampler": "ddim",
+    "num_images": 1, "guidance_interval": "", "guidance_rescale": 0.0, "autoguidance": False,
+}
 
 
 # ---- validation --------------------------------------------------------------------------------------
@@ -144,19 +155,19 @@ def _in_range(value: int, field: str, low: int, high: int) -> int:
 
 
 def validate_request(
-    pipe: MatryoshkaPipeline,
-    prompt: Any,
-    negative_prompt: Any,
-    steps: Any,
-    guidance: Any,
-    seed: Any,
-    sampler: Any,
-    num_images: Any,
-    limits: DemoLimits,
+    pipe: MatryoshkaPipeline, fields: Mapping[str, Any], limits: DemoLimits, guide: MatryoshkaPipeline | None = None
 ) -> DemoRequest:
-    """Checks one request against the limits and the model; raises DemoRequestError naming the field.
+    """Checks one request (a mapping of REQUEST_DEFAULTS' fields; missing ones take those defaults) against
+    the limits and the model; raises DemoRequestError naming the field.
 
-    seed None (or "") draws a random seed, which the result's info reports."""
+    seed None (or "") draws a random seed, which the result's info reports. guide: the demo's
+    autoguidance model, if it has one."""
+    unknown = sorted(set(fields) - set(REQUEST_DEFAULTS))
+    if unknown:
+        raise DemoRequestError(f"unknown request field {unknown[0]!r}; known: {', '.join(REQUEST_DEFAULTS)}")
+    values = {**REQUEST_DEFAULTS, **fields}
+    prompt, negative_prompt, steps = values["prompt"], values["negative_prompt"], values["steps"]
+    guidance, seed, sampler, num_images = values["guidance"], values["seed"], values["sampler"], values["num_images"]
     prompt = _clean_text(prompt, "prompt", limits.max_prompt_chars)
     negative_prompt = _clean_text(negative_prompt, "negative prompt", limits.max_prompt_chars)
     max_steps = min(limits.max_steps, pipe.schedule.num_train_steps)
@@ -189,7 +200,44 @@ def validate_request(
                 raise DemoRequestError(f"prompt: this model is class-conditional: {error}") from None
         elif prompt:
             raise DemoRequestError("this model is unconditional: leave the prompt empty")
-    return DemoRequest(prompt, negative_prompt, steps, guidance, seed, sampler, num_images)
+    interval = _interval(values["guidance_interval"], pipe)
+    rescale = _number(values["guidance_rescale"], "guidance rescale", 0.0, 1.0)
+    autoguidance = values["autoguidance"]
+    if not isinstance(autoguidance, bool):
+        raise DemoRequestError(f"autoguidance must be true or false, got {autoguidance!r}")
+    if autoguidance and guide is None:
+        raise DemoRequestError("autoguidance needs a guide model: start the demo with --guide-model DIR")
+    return DemoRequest(prompt, negative_prompt, steps, guidance, seed, sampler, num_images, interval, rescale,
+                       autoguidance)
+
+
+def _number(value: Any, field: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise DemoRequestError(f"{field} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise DemoRequestError(f"{field} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or not low <= number <= high:
+        raise DemoRequestError(f"{field} must be a finite number between {low:g} and {high:g}, got {number}")
+    return number
+
+
+def _interval(value: Any, pipe: MatryoshkaPipeline) -> tuple[float, float] | None:
+    """"LO,HI" in sigma (or empty: every step) -> (low, high)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise DemoRequestError(f"guidance interval must be text like 0.3,5 (sigma), got {value!r}")
+    from matryoshka.guidance import parse_intervals
+
+    try:
+        interval = parse_intervals(value.strip(), "sigma", 1)
+    except ValueError as error:
+        raise DemoRequestError(f"guidance interval {value!r}: {error}") from None
+    if not isinstance(interval, GuidanceInterval):
+        return None
+    return (interval.low, interval.high)
 
 
 # ---- serving -----------------------------------------------------------------------------------------
@@ -215,16 +263,11 @@ def _to_unit_range(pyramid: list[torch.Tensor], signal_scales: list[float]) -> l
 
 def generate_request(
     pipe: MatryoshkaPipeline,
-    prompt: Any,
-    negative_prompt: Any,
-    steps: Any,
-    guidance: Any,
-    seed: Any,
-    sampler: Any,
-    num_images: Any,
+    fields: Mapping[str, Any],
     limits: DemoLimits,
     on_step: StepHook | None = None,
     precision: str = "fp32",
+    guide: MatryoshkaPipeline | None = None,
 ) -> tuple[list[list[Image.Image]], str]:
     """Validates a request, then generates `num_images` images for it.
 
@@ -232,7 +275,7 @@ def generate_request(
     first, r = 0 is the output); info says the seed, steps, sampler, guidance and time taken.
     Raises DemoRequestError for a refused request (before any work), DemoCancelled if on_step raised it.
     """
-    request = validate_request(pipe, prompt, negative_prompt, steps, guidance, seed, sampler, num_images, limits)
+    request = validate_request(pipe, fields, limits, guide)
     conditioning: dict[str, Any] = {}
     if pipe.is_text_conditional:
         conditioning = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
@@ -259,12 +302,22 @@ def generate_request(
             callback=callback,
             progress=False,
             precision=precision,
+            guidance_interval=request.guidance_interval,
+            guidance_rescale=request.guidance_rescale,
+            guide_model=guide if request.autoguidance else None,
         )
         elapsed = time.perf_counter() - started
     assert output.levels is not None
     sizes = " / ".join(f"{s}x{s}" for s in pipe.config.model.sizes)
+    extras = ""
+    if request.guidance_interval is not None:
+        extras += f" in sigma [{request.guidance_interval[0]:g}, {request.guidance_interval[1]:g}]"
+    if request.guidance_rescale:
+        extras += f", rescale {request.guidance_rescale:g}"
+    if request.autoguidance:
+        extras += " (autoguidance)"
     info = (
-        f"seed {request.seed} · {request.steps} {request.sampler} steps · guidance {request.guidance:g} · "
+        f"seed {request.seed} · {request.steps} {request.sampler} steps · guidance {request.guidance:g}{extras} · "
         f"{request.num_images} image(s) · levels {sizes} · {elapsed:.1f} s"
     )
     return output.levels, info
@@ -296,16 +349,11 @@ def _level_labels(pipe: MatryoshkaPipeline) -> list[str]:
 
 def stream_request(
     pipe: MatryoshkaPipeline,
-    prompt: Any,
-    negative_prompt: Any,
-    steps: Any,
-    guidance: Any,
-    seed: Any,
-    sampler: Any,
-    num_images: Any,
+    fields: Mapping[str, Any],
     limits: DemoLimits,
     progress: Callable[[tuple[int, int], str], Any] | None = None,
     precision: str = "fp32",
+    guide: MatryoshkaPipeline | None = None,
 ) -> Iterator[tuple[list[list[Image.Image]], str, bool]]:
     """Runs `generate_request` in a worker thread and yields (images_per_level, info, done): the x0
     previews of the latest step while denoising (done False), then the result (done True).
@@ -324,8 +372,7 @@ def stream_request(
     def work() -> None:
         try:
             outcome["result"] = generate_request(
-                pipe, prompt, negative_prompt, steps, guidance, seed, sampler, num_images, limits, on_step=on_step,
-                precision=precision,
+                pipe, fields, limits, on_step=on_step, precision=precision, guide=guide
             )
         except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
             outcome["error"] = error
@@ -363,11 +410,13 @@ def stream_request(
 
 
 def build_demo(
-    pipe: MatryoshkaPipeline, limits: DemoLimits | None = None, title: str | None = None, precision: str = "fp32"
+    pipe: MatryoshkaPipeline, limits: DemoLimits | None = None, title: str | None = None, precision: str = "fp32",
+    guide: MatryoshkaPipeline | None = None,
 ) -> gradio.Blocks:
-    """The page: prompt, negative prompt, steps, guidance, seed, sampler, number of images; a gallery
-    per level. The queue (concurrency 1) is configured here; call `.launch(...)` on the result.
-    `precision`: the pipeline's, for every request ("bf16": autocast)."""
+    """The page: prompt, negative prompt, steps, guidance (scale, interval, rescale, and autoguidance when
+    a guide model is given), seed, sampler, number of images; a gallery per level. The queue (concurrency
+    1) is configured here; call `.launch(...)` on the result. `precision`: the pipeline's, for every
+    request ("bf16": autocast)."""
     import gradio as gr
 
     limits = limits or DemoLimits()
@@ -384,11 +433,14 @@ def build_demo(
     else:
         prompt_label, prompt_hint = "Prompt (unconditional model: leave empty)", ""
 
-    def serve(prompt, negative_prompt, steps, guidance, seed, sampler, num_images, progress=gr.Progress()):
+    names = ("prompt", "negative_prompt", "steps", "guidance", "seed", "sampler", "num_images",
+             "guidance_interval", "guidance_rescale", "autoguidance")
+
+    def serve(*values, progress=gr.Progress()):
         try:
             for images, info, _done in stream_request(
-                pipe, prompt, negative_prompt, steps, guidance, seed, sampler, num_images, limits,
-                progress=lambda fraction, desc: progress(fraction, desc=desc), precision=precision,
+                pipe, dict(zip(names, values, strict=True)), limits,
+                progress=lambda fraction, desc: progress(fraction, desc=desc), precision=precision, guide=guide,
             ):
                 yield (*[_gallery_items(level) for level in images], info)
         except DemoRequestError as error:
@@ -424,6 +476,16 @@ def build_demo(
                 num_images = gr.Slider(
                     1, limits.max_images, value=min(2, limits.max_images), step=1, label="Images", elem_id="num-images"
                 )
+                with gr.Accordion("Guidance options", open=False):
+                    interval = gr.Textbox(
+                        label="Guidance interval LO,HI in sigma (empty: every step)", placeholder="0.3,5",
+                        elem_id="guidance-interval",
+                    )
+                    rescale = gr.Slider(0, 1, value=0, step=0.05, label="Guidance rescale", elem_id="guidance-rescale")
+                    autoguidance = gr.Checkbox(
+                        value=False, label="Autoguidance (guide with the weaker model)", elem_id="autoguidance",
+                        visible=guide is not None,
+                    )
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 info = gr.Textbox(label="Status", interactive=False, elem_id="info")
@@ -440,7 +502,7 @@ def build_demo(
                     )
                     for level, label in enumerate(labels)
                 ]
-        inputs = [prompt, negative, steps, guidance, seed, sampler, num_images]
+        inputs = [prompt, negative, steps, guidance, seed, sampler, num_images, interval, rescale, autoguidance]
         outputs = [*galleries, info]
         gr.on(
             [button.click, prompt.submit], serve, inputs, outputs,

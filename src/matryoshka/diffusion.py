@@ -139,6 +139,21 @@ class PyramidSchedule:
         table = self.table(t.device, dtype)
         return [table[level][t] for level in range(self.num_levels)]
 
+    def gammas_at(self, t: float) -> list[float]:
+        """alpha-bar of every level at continuous time t in [0, T] (highest first), as floats.
+
+        Integer t reads the table exactly; fractional t interpolates each level's log-SNR linearly between
+        the discrete entries; t <= 0 is exactly 1 (clean)."""
+        if t <= 0:
+            return [1.0] * self.num_levels
+        if float(t) == int(t):
+            return [float(g) for g in self.gammas[:, int(t)].tolist()]
+        time = torch.tensor(float(t), dtype=torch.float64)
+        return [
+            float(torch.sigmoid(sched.interpolate_log_snr(self.gammas[level].cpu(), time)))
+            for level in range(self.num_levels)
+        ]
+
     def scale_signal(self, pyramid: list[torch.Tensor]) -> list[torch.Tensor]:
         """Divide each clean level by its signal scale before noising (a no-op for shifted schedules)."""
         return [x if scale == 1 else x / scale for x, scale in zip(pyramid, self.signal_scales, strict=True)]

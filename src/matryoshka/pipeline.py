@@ -28,6 +28,7 @@ from matryoshka import sampling, solvers
 from matryoshka.conditioning import TextEmbedding, TextEncoder, load_text_encoder, pad_embeddings
 from matryoshka.data import convert_channels, make_grid, pil_to_tensor, resize_center_crop, tensor_to_pil
 from matryoshka.diffusion import PyramidSchedule
+from matryoshka.guidance import GuidanceInterval, classifier_free_guidance
 from matryoshka.model_dir import MDMConfig, load_model_dir, save_model_dir
 from matryoshka.models import NestedUNet
 from matryoshka.pyramid import level_shapes
@@ -105,6 +106,9 @@ class PipelineOutput:
     images: list[Image.Image]
     levels: list[list[Image.Image]] | None
     tensors: list[torch.Tensor]
+    # Network evaluations of a conditional model's call, in sample rows: {"network_rows", "guide_rows"}
+    # (a guided step costs two rows per sample, one outside the guidance interval).
+    evaluations: dict[str, int] | None = None
 
 
 class MatryoshkaPipeline:
@@ -273,6 +277,9 @@ class MatryoshkaPipeline:
         init_image: Image.Image | torch.Tensor | None = None,
         init_level: int | None = None,
         precision: str = "fp32",
+        guidance_interval: GuidanceInterval | tuple[float, float] | Sequence | None = None,
+        guidance_rescale: float = 0.0,
+        guide_model: MatryoshkaPipeline | NestedUNet | None = None,
     ) -> PipelineOutput:
         """Generates num_images_per_prompt images for every prompt (or class label).
 
@@ -287,6 +294,15 @@ class MatryoshkaPipeline:
         precision: "fp32", or "bf16": the network runs under bf16 autocast (the sampler's arithmetic stays
             in float32); about 2x faster for the official models on a CPU with AVX512-BF16, and the fast
             path on GPUs (BENCHMARKS.md, "Performance"); images differ slightly from fp32 ones.
+        guidance_interval: guide only while a level's noise level is inside it (Kynkaanniemi et al. 2024):
+            a GuidanceInterval (bounds in sigma, log-SNR or t), a (low, high) tuple in sigma = sqrt((1 - g) / g)
+            of the level's own shifted schedule, or one per level (None = always). Outside it a step runs
+            only the conditional rows. None: guide at every step (the official behaviour).
+        guidance_rescale: phi in [0, 1] of guidance rescale (Lin et al. 2023, diffusers' guidance_rescale),
+            applied per level to the network's output; 0 = off.
+        guide_model: autoguidance (Karras et al. 2024): the base of guidance is this weaker model's
+            conditional prediction instead of the unconditional one (a pipeline or network of the same
+            levels, conditioning and diffusion); the negative prompt is then unused.
         """
         sample_fn = get_sampler(sampler)
         if precision not in ("fp32", "bf16"):
@@ -326,8 +342,15 @@ class MatryoshkaPipeline:
             conditional["labels"] = ids.to(self.device)
             unconditional["labels"] = torch.full_like(ids, model_config.num_classes).to(self.device)
 
+        guide = self.guide_network(guide_model)
+        guided = None
         if conditional:
-            denoiser = sampling.classifier_free_guidance(self.model, conditional, unconditional, scales)
+            denoiser = guided = classifier_free_guidance(
+                self.model, conditional, unconditional, scales, interval=_as_intervals(guidance_interval),
+                schedule=self.schedule, rescale=guidance_rescale, guide_model=guide,
+            )
+        elif guide is not None or guidance_interval is not None or guidance_rescale:
+            raise ValueError("guidance_interval, guidance_rescale and guide_model need a conditional model")
         else:  # an unconditional model: nothing to guide
 
             def denoiser(pyramid: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
@@ -363,7 +386,30 @@ class MatryoshkaPipeline:
         tensors = [level.float().cpu() for level in result]
         images = [_to_pil(sample) for sample in tensors[0]]
         levels = [[_to_pil(sample) for sample in level] for level in tensors] if output_levels else None
-        return PipelineOutput(images=images, levels=levels, tensors=tensors)
+        evaluations = {"network_rows": guided.rows, "guide_rows": guided.guide_rows} if guided is not None else None
+        return PipelineOutput(images=images, levels=levels, tensors=tensors, evaluations=evaluations)
+
+    def guide_network(self, guide: MatryoshkaPipeline | NestedUNet | None) -> NestedUNet | None:
+        """Autoguidance's guide (a pipeline or network) as a network, checked against this model: ValueError
+        naming what differs."""
+        if guide is None:
+            return None
+        network = guide.model if isinstance(guide, MatryoshkaPipeline) else guide
+        if not isinstance(network, NestedUNet):
+            raise TypeError(f"guide_model must be a MatryoshkaPipeline or a NestedUNet, got {type(guide).__name__}")
+        mine, theirs = self.config.model, network.config
+        for name in ("sizes", "in_channels", "num_classes", "text_dim", "num_frames"):
+            if getattr(mine, name) != getattr(theirs, name):
+                raise ValueError(
+                    f"guide_model has model.{name} = {getattr(theirs, name)} but this model has {getattr(mine, name)}:"
+                    " autoguidance needs a model of the same levels and conditioning"
+                )
+        if isinstance(guide, MatryoshkaPipeline) and (
+            not torch.equal(guide.schedule.gammas, self.schedule.gammas)
+            or guide.config.diffusion.prediction != self.config.diffusion.prediction
+        ):
+            raise ValueError("guide_model has another noise schedule or prediction kind than this model")
+        return network.to(self.device).eval()
 
     def _init_level(self, image: Image.Image | torch.Tensor, level: int | None) -> tuple[int, torch.Tensor]:
         """Which level an init image pins, and the image as a (C, S, S) tensor in [-1, 1] of that size."""
@@ -468,6 +514,17 @@ class MatryoshkaPipeline:
                 f"make it with torch.Generator(device={str(self.device)!r}) or pass an int seed"
             )
         return generator
+
+
+def _as_intervals(value) -> GuidanceInterval | list[GuidanceInterval | None] | None:
+    """guidance_interval as GuidanceInterval objects: (low, high) tuples are in sigma."""
+    if value is None or isinstance(value, GuidanceInterval):
+        return value
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int | float) for v in value):
+        return GuidanceInterval(float(value[0]), float(value[1]))
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_as_intervals(v) for v in value]  # type: ignore[misc]
+    raise TypeError(f"guidance_interval must be (low, high), a GuidanceInterval or one per level, got {value!r}")
 
 
 def _in_bf16(denoiser: sampling.Denoiser, device: torch.device) -> sampling.Denoiser:

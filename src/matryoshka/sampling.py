@@ -3,12 +3,13 @@
 All levels are denoised jointly: at every step the network sees the whole noisy pyramid at one time
 index and each level moves from its own noise level gamma_r[t] to gamma_r[s] (REFERENCE.md section 4).
 The model is any callable `denoiser(pyramid, t_model) -> predictions`; guidance is a wrapper around
-such a callable (`classifier_free_guidance`), so samplers own no weights and know no conditioning.
+such a callable (`matryoshka.guidance`: classifier-free, interval, rescale, autoguidance), so samplers own
+no weights and know no conditioning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,59 +79,6 @@ def ddpm_step(
     if noise is None:
         return mean
     return mean + (beta * (1 - g_s) / (1 - g)).sqrt() * noise
-
-
-def classifier_free_guidance(
-    model: Callable[..., list[torch.Tensor]],
-    conditional: dict,
-    unconditional: dict,
-    guidance_scale: float | Sequence[float],
-) -> Denoiser:
-    """Wrap `model(pyramid, t, **conditioning)` into a guided denoiser.
-
-    conditional / unconditional: keyword arguments of the model (text_states, text_mask, labels, micros)
-    for the B conditional rows and the B unconditional (negative prompt) rows. Both branches run as one
-    batch of 2B rows, unconditional first; prediction = u + w (c - u), per level when w is a list.
-    A scale of 1 everywhere runs the conditional branch alone.
-    """
-    scales = None if isinstance(guidance_scale, int | float) else list(guidance_scale)
-
-    def scale_of(level: int) -> float:
-        return float(guidance_scale) if scales is None else float(scales[level])
-
-    def denoise(pyramid: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
-        if all(scale_of(i) == 1 for i in range(len(pyramid))):
-            return model(pyramid, t, **conditional)
-        batched = {key: _cat_branch(unconditional.get(key), conditional.get(key)) for key in conditional}
-        outputs = model([torch.cat([x, x]) for x in pyramid], torch.cat([t, t]), **batched)
-        guided = []
-        for i, out in enumerate(outputs):
-            uncond, cond = out.chunk(2)
-            guided.append(uncond + scale_of(i) * (cond - uncond))
-        return guided
-
-    return denoise
-
-
-def _cat_branch(uncond, cond):
-    if cond is None:
-        return None
-    if isinstance(cond, dict):
-        return {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
-    if uncond is None:
-        raise ValueError("the unconditional branch is missing a conditioning input that the conditional has")
-    # Text states (B, S, D) and masks (B, S) of the two branches may differ in length S: pad.
-    if cond.ndim in (2, 3) and uncond.shape[1] != cond.shape[1]:
-        length = max(uncond.shape[1], cond.shape[1])
-        uncond, cond = _pad_tokens(uncond, length), _pad_tokens(cond, length)
-    return torch.cat([uncond, cond])
-
-
-def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
-    pad = length - x.shape[1]
-    if pad == 0:
-        return x
-    return torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1)
 
 
 @torch.no_grad()
@@ -205,8 +153,6 @@ def condition_on_levels(
     schedule of `matryoshka.solvers`. generator: for the fresh noise (on the samples' device).
     Every sampler takes it: `sampling.sample(..., replace_levels=hook)`, `solvers.solve`, `solvers.run_sampler`.
     """
-    from matryoshka.schedule import interpolate_log_snr
-
     if not known:
         raise ValueError("condition_on_levels needs at least one known level")
     images: dict[int, torch.Tensor] = {}
@@ -216,11 +162,6 @@ def condition_on_levels(
         if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4):
             raise ValueError(f"known level {level} must be an image tensor (C, H, W) or (B, C, H, W)")
         images[level] = (image if image.ndim == 4 else image.unsqueeze(0)) / schedule.signal_scales[level]
-
-    def gamma_at(level: int, s: float) -> torch.Tensor:
-        if float(s) == int(s):  # the discrete table, exactly as the DDIM/DDPM steps read it
-            return schedule.gammas[level, int(s)]
-        return torch.sigmoid(interpolate_log_snr(schedule.gammas[level], torch.tensor(float(s))))
 
     def replace(pyramid: list[torch.Tensor], s: float) -> list[torch.Tensor]:
         out = list(pyramid)
@@ -236,7 +177,8 @@ def condition_on_levels(
                 out[level] = clean.clone()
                 continue
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            out[level] = pyr.add_noise(clean, z, gamma_at(level, s).to(device=x.device, dtype=x.dtype))
+            gamma = torch.tensor(schedule.gammas_at(s)[level], device=x.device, dtype=x.dtype)
+            out[level] = pyr.add_noise(clean, z, gamma)
         return out
 
     return replace

@@ -2,9 +2,9 @@
 
 All three integrate the probability-flow ODE of every level jointly. The levels share one time grid
 t_0 > t_1 > ... > t_K (the `timesteps`, integer or fractional indices in [0, T]) but each level moves
-along its own, shifted noise schedule: level r's log-SNR at continuous time t is
-`schedule.interpolate_log_snr(PyramidSchedule.gammas[r], t)` (linear in log-SNR between the discrete
-entries, so integer t gives exactly the training table), and alpha-bar g_r(t) = sigmoid(log-SNR).
+along its own, shifted noise schedule: level r's alpha-bar at continuous time t is
+`PyramidSchedule.gammas_at(t)[r]` (log-SNR linear between the discrete entries, so integer t gives
+exactly the training table).
 t = 0 is the clean end: g = 1 exactly.
 
 Parameterisations (per level, dropping r; x is the variance-preserving state the network sees):
@@ -42,28 +42,12 @@ from tqdm.auto import tqdm
 from matryoshka import pyramid as pyr
 from matryoshka import sampling
 from matryoshka.diffusion import PyramidSchedule
-from matryoshka.schedule import interpolate_log_snr
 
 SOLVERS = ("dpmpp_2m", "euler", "heun")
 METHODS = (*sampling.SAMPLERS, *SOLVERS)
 PREDICTIONS = ("v", "eps", "x0", "flow")
 
 ReplaceLevels = Callable[[list[torch.Tensor], float], list[torch.Tensor]]
-
-
-def level_gammas(schedule: PyramidSchedule, t: float) -> list[float]:
-    """alpha-bar of every level at continuous time t in [0, T] (highest level first), as floats.
-
-    t = 0 gives exactly 1 (clean); any other t interpolates each level's log-SNR linearly between the
-    discrete entries, which reproduces the table at integer t.
-    """
-    if t <= 0:
-        return [1.0] * schedule.num_levels
-    time = torch.tensor(float(t), dtype=torch.float64)
-    return [
-        float(torch.sigmoid(interpolate_log_snr(schedule.gammas[level].cpu(), time)))
-        for level in range(schedule.num_levels)
-    ]
 
 
 def _half_log_snr(gamma: float) -> float:
@@ -165,10 +149,10 @@ def solve(
     if replace_levels is not None:
         x_t = replace_levels(x_t, steps[0])
     previous: tuple[list[torch.Tensor], list[float]] | None = None  # dpmpp_2m: (x0s, h per level)
-    gammas_t = level_gammas(schedule, steps[0])
+    gammas_t = schedule.gammas_at(steps[0])
     for index in tqdm(range(len(steps) - 1), disable=not progress, desc=method, leave=False):
         t, s = steps[index], steps[index + 1]
-        gammas_s = level_gammas(schedule, s)
+        gammas_s = schedule.gammas_at(s)
         x0s = predict(x_t, t, gammas_t)
         if method == "dpmpp_2m":
             next_states, steps_h = [], []

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bf16: the network under bf16 autocast (see `matryoshka generate --help`). Default fp32")
     parser.add_argument("--channels-last", action="store_true",
                         help="run the network's convolutions channels-last (same images; faster on a CPU)")
+    parser.add_argument("--guide-model", type=Path, metavar="DIR", default=None,
+                        help="a weaker model of the same levels for autoguidance (the page then offers it)")
     parser.add_argument("--max-steps", type=int, default=100, help="most sampling steps a request may ask for")
     parser.add_argument("--max-images", type=int, default=4, help="most images a request may ask for")
     parser.add_argument("--max-prompt-chars", type=int, default=300, help="longest prompt accepted, in characters")
@@ -87,6 +89,15 @@ def run(args: argparse.Namespace) -> int:
         return fail("the demo needs gradio: pip install 'matryoshka-diffusion[demo]'")
     try:
         pipe = _load_pipeline(args)
+        guide = None
+        if args.guide_model is not None:
+            from matryoshka.commands.generate import resolve_model_dir
+            from matryoshka.pipeline import MatryoshkaPipeline
+
+            guide = MatryoshkaPipeline.from_pretrained(
+                resolve_model_dir(args.guide_model), device=args.device, text_encoder=pipe.text_encoder
+            )
+            pipe.guide_network(guide)  # the same levels and conditioning, or a clear error now
     except (ValueError, TypeError, FileNotFoundError, pickle.UnpicklingError) as error:
         return fail(str(error))
 
@@ -98,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.port} can use the model (there is no authentication). Use --host 127.0.0.1 to keep it local.",
             file=sys.stderr,
         )
-    demo = build_demo(pipe, limits, title=args.title, precision=args.precision)
+    demo = build_demo(pipe, limits, title=args.title, precision=args.precision, guide=guide)
     print(f"matryoshka demo: serving on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     options = {"server_name": args.host, "server_port": args.port, "share": False, "show_error": True}
     if "ssr_mode" in inspect.signature(demo.launch).parameters:

@@ -39,6 +39,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--guidance", default="7.5", help="guidance scale w, or one per level highest first: 7.5 or 7.5,3 (default 7.5)"
     )
     parser.add_argument("--negative-prompt", default=None, help='the unconditional branch (default "")')
+    parser.add_argument(
+        "--guidance-interval", metavar="LO,HI", default=None,
+        help="guide only while each level's noise level is in [LO, HI] (one LO,HI for every level, or one per "
+        "level separated by ';', 'always' = every step); steps outside skip the unconditional rows. "
+        "Default: every step",
+    )
+    parser.add_argument(
+        "--guidance-interval-unit", default="sigma", choices=["sigma", "logsnr", "t"],
+        help="unit of --guidance-interval: sigma = sqrt((1 - g) / g) of the level's own schedule (default), "
+        "logsnr, or t (the sampler's time index 0..1000)",
+    )
+    parser.add_argument("--guidance-rescale", type=float, default=0.0,
+                        help="guidance rescale phi in [0, 1] (as diffusers' guidance_rescale; default 0 = off)")
+    parser.add_argument("--guide-model", type=Path, metavar="DIR", default=None,
+                        help="autoguidance: guide with this weaker model directory (same levels and conditioning) "
+                        "instead of the unconditional branch")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     parser.add_argument("--num-images", type=int, default=1, help="images to generate (a grid when > 1)")
     parser.add_argument("--sampler", default="ddim", choices=available_samplers(), help="sampler (default ddim)")
@@ -132,6 +148,25 @@ def run(args: argparse.Namespace) -> int:
             except (OSError, UnidentifiedImageError) as error:
                 raise ValueError(f"--init-image {args.init_image}: not a readable image ({error})") from None
         pipe = _load_pipeline(args)
+        interval = None
+        if args.guidance_interval is not None:
+            from matryoshka.guidance import parse_intervals
+
+            try:
+                interval = parse_intervals(
+                    args.guidance_interval, args.guidance_interval_unit, pipe.config.model.num_levels
+                )
+            except ValueError as error:
+                raise ValueError(f"--guidance-interval {args.guidance_interval!r}: {error}") from None
+        if not 0 <= args.guidance_rescale <= 1:
+            raise ValueError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+        guide = None
+        if args.guide_model is not None:
+            from matryoshka.pipeline import MatryoshkaPipeline
+
+            guide = MatryoshkaPipeline.from_pretrained(
+                resolve_model_dir(args.guide_model), device=args.device, text_encoder=pipe.text_encoder
+            )
         if args.channels_last:
             pipe.to(memory_format=torch.channels_last)
         _check_out(args.out, pipe.is_video)
@@ -151,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
             init_image=init_image,
             init_level=args.init_level,
             precision=args.precision,
+            guidance_interval=interval,
+            guidance_rescale=args.guidance_rescale,
+            guide_model=guide,
         )
         elapsed = time.perf_counter() - started
     except (ValueError, TypeError, FileNotFoundError, pickle.UnpicklingError) as error:

@@ -10,8 +10,9 @@ from PIL import Image
 
 from matryoshka.data import make_grid
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
+from matryoshka.guidance import classifier_free_guidance
 from matryoshka.pyramid import level_shapes
-from matryoshka.sampling import classifier_free_guidance, sample
+from matryoshka.sampling import sample
 from matryoshka.schedule import spaced_timesteps
 
 
