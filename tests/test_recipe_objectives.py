@@ -252,3 +252,67 @@ def test_weighted_and_flow_models_train_and_sample_through_the_pipeline(tmp_path
         out = pipe(class_labels=[1, 2], num_inference_steps=3, guidance_scale=2.0, sampler=sampler, generator=0,
                    progress=False)
         assert torch.isfinite(out.tensors[0]).all() and out.tensors[0].shape == (2, 1, 16, 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Automatic progressive stages
+
+
+def plateau_config(extra: list[str] | None = None):
+    from matryoshka.training.testing import tiny_config
+
+    # Stage 1 may run 12 steps but ends once 2 measurements in a row fail to improve by 50%.
+    return tiny_config([
+        "stages=[{levels: 1, steps: 12, end_on_plateau: {every: 1, patience: 2, min_delta: 0.5, batch_size: 16}},"
+        " {levels: 2, steps: 3}]", *(extra or []),
+    ])
+
+
+def test_plateau_tracker_decides_from_its_history():
+    from matryoshka.training.config import PlateauConfig
+    from matryoshka.training.plateau import PlateauTracker
+
+    tracker = PlateauTracker(PlateauConfig(every=10, patience=2, min_delta=0.1, min_steps=40))
+    assert not tracker.due(0) and tracker.due(10) and not tracker.due(15)
+    decisions = [tracker.update(step, value) for step, value in ((10, 1.0), (20, 0.8), (30, 0.79), (40, 0.75))]
+    assert decisions == [False, False, False, True]  # 0.79 and 0.75 are not 10% below 0.8
+    again = PlateauTracker.from_dict(tracker.config, tracker.to_dict())
+    assert again == tracker
+
+
+def test_a_stage_ends_on_its_plateau_and_the_next_starts_there(tmp_path):
+    import json
+
+    from matryoshka.training import read_metrics, train
+
+    result = train(plateau_config(), tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    measured = [r for r in records if "held_out_loss" in r]
+    end = measured[-1]["step"]
+    assert 2 <= end < 12 and len(measured) == end  # measured every step, stopped early
+    assert result.step == end + 3 and result.stage == 1
+    assert [r["stage"] for r in records if "loss" in r] == [0] * end + [1] * 3
+    state = json.loads(next((tmp_path / "run" / "checkpoints").glob(f"step-{result.step:07d}")).joinpath(
+        "state.json").read_text())
+    assert state["stage_ends"] == {"0": end}
+
+
+def test_a_run_with_an_automatic_stage_resumes_bit_exactly(tmp_path):
+    from matryoshka.training import train
+
+    whole = train(plateau_config(), tmp_path / "whole")
+    end = whole.step - 3
+    for cut in (1, end, end + 1):  # inside the automatic stage, where it ended, inside the next stage
+        run = tmp_path / f"cut{cut}"
+        train(plateau_config(), run, max_steps=cut)
+        resumed = train(plateau_config(), run, resume=True)
+        assert resumed.step == whole.step
+        for key, value in whole.ema_model.state_dict().items():
+            assert torch.equal(value, resumed.ema_model.state_dict()[key]), (cut, key)
+
+
+def test_an_automatic_stage_needs_held_out_items(tmp_path):
+    from matryoshka.training import train
+
+    with pytest.raises(ConfigError, match="end_on_plateau"):
+        train(plateau_config(["data.dataset=shards", "data.path=x.tar"]), tmp_path / "run")

@@ -120,6 +120,24 @@ class OptimConfig:
 
 
 @dataclass
+class PlateauConfig:
+    """End a stage early when its held-out loss stops improving (matryoshka.training.plateau)."""
+
+    every: int = 200  # steps of the stage between measurements of the EMA model's held-out loss
+    patience: int = 3  # measurements in a row without improvement that end the stage
+    min_delta: float = 0.01  # relative improvement over the best that counts as one
+    min_steps: int = 0  # the stage never ends before this many of its steps
+    batch_size: int = 256  # held-out images measured (at fixed, evenly spread times and fixed noise)
+
+    def validate(self) -> None:
+        require(self.every >= 1, "every", "must be >= 1")
+        require(self.patience >= 1, "patience", "must be >= 1")
+        require(0 <= self.min_delta < 1, "min_delta", "must be in [0, 1)")
+        require(self.min_steps >= 0, "min_steps", "must be >= 0")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass
 class StageConfig:
     """One progressive stage: train the `levels` innermost levels of the final model for `steps` steps."""
 
@@ -138,6 +156,9 @@ class StageConfig:
     # ml-mdm checkpoint file (converted with matryoshka.interop.load_official). For a video model this may
     # be an image model: it is inflated (matryoshka.video.inflate_image_model).
     init_inner_from: str | None = None
+    # Automatic stage end (the paper's future work): `steps` becomes the maximum; the stage ends when the
+    # EMA model's held-out loss stops improving. null = the stage runs all its steps.
+    end_on_plateau: PlateauConfig | None = None
 
     def validate(self) -> None:
         require(self.levels >= 1, "levels", "must be >= 1")
@@ -243,6 +264,11 @@ class TrainConfig:
         )
         for i, stage in enumerate(self.stages):
             require(
+                stage.end_on_plateau is None or self.data.dataset not in ("shards", "video_shards"),
+                f"stages[{i}].end_on_plateau",
+                f"needs held-out items from a map-style dataset; {self.data.dataset!r} streams its samples",
+            )
+            require(
                 not stage.frames_as_images or self.mdm.model.num_frames > 0,
                 f"stages[{i}].frames_as_images",
                 "only applies to video models (mdm.model.num_frames > 0)",
@@ -258,11 +284,14 @@ class TrainConfig:
     def total_steps(self) -> int:
         return sum(stage.steps for stage in self.stages)
 
-    def stage_bounds(self) -> list[int]:
-        """Global step at which each stage starts, plus the total: [0, s0, s0 + s1, ...]."""
+    def stage_bounds(self, ended: dict[int, int] | None = None) -> list[int]:
+        """Global step at which each stage starts, plus the total: [0, s0, s0 + s1, ...].
+
+        ended: stage index -> the steps it actually ran, for stages that ended on a plateau."""
+        ended = ended or {}
         bounds = [0]
-        for stage in self.stages:
-            bounds.append(bounds[-1] + stage.steps)
+        for index, stage in enumerate(self.stages):
+            bounds.append(bounds[-1] + ended.get(index, stage.steps))
         return bounds
 
 
@@ -330,6 +359,7 @@ __all__ = [
     "EMAConfig",
     "LoggingConfig",
     "OptimConfig",
+    "PlateauConfig",
     "StageConfig",
     "TrainConfig",
     "apply_overrides",

@@ -48,6 +48,7 @@ from matryoshka.training.ema import EMA
 from matryoshka.training.monitor import RunMonitor
 from matryoshka.training.noise import draw
 from matryoshka.training.optim import learning_rate, make_optimizer
+from matryoshka.training.plateau import PlateauTracker, held_out_items, held_out_loss
 from matryoshka.training.previews import pyramid_grid, sample_pyramid, save_grid
 from matryoshka.training.stages import initial_models, stage_mdm_config
 from matryoshka.typed_config import ConfigError, from_dict, save_yaml, to_dict
@@ -97,7 +98,9 @@ def train(
         step = saved["step"] if saved else 0
         first_stage = saved["stage"] if saved else 0
         samples_seen = saved["samples_seen"] if saved else 0
-        bounds = config.stage_bounds()
+        # Stages that ended on a plateau (end_on_plateau), and how many steps they ran.
+        ended = {int(k): int(v) for k, v in (saved.get("stage_ends") or {}).items()} if saved else {}
+        bounds = config.stage_bounds(ended)
         last_step = bounds[-1] if max_steps is None else min(bounds[-1], max_steps)
 
         # ---------------------------------------------------------------- data and conditioning
@@ -145,6 +148,8 @@ def train(
         previous: tuple[dict, dict, int] | None = None  # (weights, EMA weights, levels) of the last stage
         for stage_index in range(first_stage, len(config.stages)):
             stage = config.stages[stage_index]
+            bounds = config.stage_bounds(ended)  # an earlier stage may have ended on its plateau
+            last_step = bounds[-1] if max_steps is None else min(bounds[-1], max_steps)
             stage_start, stage_end = bounds[stage_index], bounds[stage_index + 1]
             mdm = stage_mdm_config(config, stage_index)
             resuming = saved is not None and start is not None and stage_index == saved["stage"]
@@ -194,6 +199,13 @@ def train(
             wrapped.train()
             parameters = list(wrapped.parameters())  # once per stage: walking the module tree costs ~1 ms
             window = LossWindow(len(level_names), device)
+            plateau, held_out = None, None
+            if stage.end_on_plateau is not None:
+                plateau = PlateauTracker.from_dict(stage.end_on_plateau, saved.get("plateau") if resuming else None)
+                held_out = held_out_items(
+                    config.data, final.image_size, final.in_channels, final.num_frames, config.seed,
+                    stage.end_on_plateau.batch_size,
+                )
             saved_at = previewed_at = -1
             nonfinite_in_a_row = 0
             tick = time.perf_counter()
@@ -277,13 +289,27 @@ def train(
                     window = LossWindow(len(level_names), device)
                 else:
                     monitor.advance(step)
+                if plateau is not None and plateau.due(step - stage_start):
+                    value = held_out_loss(
+                        ema_model, held_out, mdm, final.scales, schedule, conditioner, config.seed, device,
+                        time_scales=final.time_scales if final.num_frames else None,
+                    )
+                    monitor.scalars(step, {"held_out_loss": value}, {"stage": stage_index})
+                    if plateau.update(step - stage_start, value):
+                        ended[stage_index] = step - stage_start
+                        monitor.message(
+                            f"stage {stage_index + 1} ends at step {step}: its held-out loss ({value:.5f}) has not "
+                            f"improved on {plateau.best:.5f} for {plateau.stale} measurements"
+                        )
+                        break
                 if config.logging.sample_every and step % config.logging.sample_every == 0:
                     write_preview(out_dir, step, ema_model, mdm, schedule, conditioner, preview_prompts, config,
                                   runtime, sharded, use_bf16)
                     previewed_at = step
                 if config.checkpoint.every and step % config.checkpoint.every == 0:
                     result.checkpoint = save_checkpoint(
-                        checkpoints, step, stage_index, samples_seen, wrapped, ema, optimizer, stream, config, runtime
+                        checkpoints, step, stage_index, samples_seen, wrapped, ema, optimizer, stream, config, runtime,
+                        progress_state(ended, plateau),
                     )
                     saved_at = step
 
@@ -291,7 +317,8 @@ def train(
             result.step, result.stage, result.model, result.ema_model = step, stage_index, model, ema_model
             if saved_at != step:
                 result.checkpoint = save_checkpoint(
-                    checkpoints, step, stage_index, samples_seen, wrapped, ema, optimizer, stream, config, runtime
+                    checkpoints, step, stage_index, samples_seen, wrapped, ema, optimizer, stream, config, runtime,
+                    progress_state(ended, plateau),
                 )
             result.model_dir = export_model(out_dir, stage_index, step, ema_model, mdm, runtime)
             if previewed_at != step:
@@ -414,9 +441,16 @@ def fault_summary(faults: FaultCounter) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # Checkpoints, exports, previews
+def progress_state(ended: dict[int, int], plateau: PlateauTracker | None) -> dict[str, Any]:
+    """What a checkpoint records of automatic stage ends: the stages that ended early, and the running
+    plateau decision of the current stage."""
+    return {"stage_ends": {str(k): v for k, v in ended.items()}, "plateau": plateau.to_dict() if plateau else None}
+
+
 def save_checkpoint(
     root: Path, step: int, stage_index: int, samples_seen: int, model: torch.nn.Module, ema: EMA,
     optimizer: torch.optim.Optimizer, stream: BatchStream, config: TrainConfig, runtime: distributed.Runtime,
+    progress: dict[str, Any] | None = None,
 ) -> Path:
     """Gather everything on rank 0 (collective), which writes the checkpoint atomically."""
     weights = distributed.full_state_dict(model)
@@ -436,6 +470,7 @@ def save_checkpoint(
             "rng": rng_states,
             "optimizer": optimizer_meta,
             "config": to_dict(config),
+            **(progress or {}),
         }
         path = write_checkpoint(
             root, step, {"model": weights, "ema": ema_weights, "optimizer": optimizer_tensors}, state,
