@@ -147,7 +147,7 @@ def test_command_passes_precision_and_channels_last(model_dir, monkeypatch):
     import matryoshka.demo
 
     built = {}
-    monkeypatch.setattr(matryoshka.demo, "build_demo", lambda pipe, limits, title=None, precision="fp32":
+    monkeypatch.setattr(matryoshka.demo, "build_demo", lambda pipe, limits, title=None, precision="fp32", guide=None:
                         built.update(pipe=pipe, precision=precision) or RecordingPage())
     assert cli.main(["demo", "--model", str(model_dir), "--precision", "bf16", "--channels-last"]) == 0
     assert built["precision"] == "bf16"
@@ -416,7 +416,7 @@ def test_command_serves_the_embedded_model_by_default(model_dir, tmp_path, monke
     monkeypatch.setattr(generate_command, "default_model_dir", lambda: model_dir)
     monkeypatch.setattr(
         matryoshka.demo, "build_demo",
-        lambda pipe, limits, title=None, precision="fp32": built.update(pipe=pipe) or page,
+        lambda pipe, limits, title=None, precision="fp32", guide=None: built.update(pipe=pipe) or page,
     )
     assert cli.main(["demo"]) == 0
     assert built["pipe"].config.model == MatryoshkaPipeline.from_pretrained(model_dir).config.model
@@ -440,7 +440,7 @@ def test_command_launches_on_the_given_host_and_warns_when_exposed(model_dir, mo
     page = RecordingPage()
     built = {}
 
-    def fake_build(pipe, limits, title=None, precision="fp32"):
+    def fake_build(pipe, limits, title=None, precision="fp32", guide=None):
         built.update(pipe=pipe, limits=limits, precision=precision)
         return page
 

@@ -323,7 +323,7 @@ def test_channels_last_pipeline_draws_the_same_images(text_model_dir, tmp_path, 
     monkeypatch.setattr(MatryoshkaPipeline, "__call__", spy)
     for flag in ([], ["--channels-last"]):
         argv = ["generate", "a red cat", "--model", str(text_model_dir), "--steps", "2", "--seed", "0", "--quiet",
-                "--out", str(tmp_path / "cl.png"), *flag]
+                "--out", str(tmp_path / "cl.png"), "--overwrite", *flag]
         assert cli.main(argv) == 0
     assert layouts == [False, True]
 

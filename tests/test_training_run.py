@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -46,13 +47,21 @@ def test_two_stage_run_exports_logs_samples_and_generates(tmp_path: Path):
     assert not all(torch.equal(v, result.model.state_dict()[k]) for k, v in model.state_dict().items())
 
     # Sample grids: one row per sample, the stage's levels side by side (each shown at the stage's
-    # top size, 2 px padding): stage 1 is 8 px alone, stage 2 is 8 and 16 px.
+    # top size, 2 px padding; stage 1 is 8 px alone, stage 2 is 8 and 16 px), enlarged twice, with a
+    # margin on the left that names each row's class (white text on black).
     grids = sorted(p.name for p in (out / "samples").iterdir())
     assert grids == ["step-0000002.png", "step-0000004.png"]
     with Image.open(out / "samples" / "step-0000002.png") as grid:
-        assert grid.size == (10 + 2, 2 * 10 + 2)
+        margin = grid.width - 2 * (10 + 2)
+        assert grid.height == 2 * (2 * 10 + 2) and margin > 0
+        assert np.asarray(grid.convert("L"))[:, :margin].max() > 128  # the labels are drawn
     with Image.open(out / "samples" / "step-0000004.png") as grid:
-        assert grid.size == (2 * 18 + 2, 2 * 18 + 2)
+        assert grid.size == (margin + 2 * (2 * 18 + 2), 2 * (2 * 18 + 2))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Images("samples")] == [2, 4]
 
     # The exported directory is what `matryoshka generate --model` reads.
     from matryoshka.cli import main

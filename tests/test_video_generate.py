@@ -49,7 +49,7 @@ def test_pipeline_samples_clips_at_every_level(video_model_dir):
 def test_generate_writes_videos_and_levels(video_model_dir, tmp_path, suffix, capsys):
     out = tmp_path / f"clip{suffix}"
     code = cli.main(["generate", "--model", str(video_model_dir), "--class", "1", "--steps", "2", "--seed", "3",
-                     "--num-images", "2", "--all-levels", "--fps", "4", "--quiet", "--out", str(out)])
+                     "--num-images", "2", "--all-levels", "--fps", "4", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     top = read_video(out, channels=1)
     assert top.shape[1] == 4 and top.shape[3] > 2 * 16  # 4 frames, 2 clips side by side

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="matryoshka", description="Matryoshka Diffusion Models: train, sample, evaluate."
     )
+    parser.add_argument("--version", "-V", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in sorted(COMMANDS.items()):
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -36,11 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version_line() -> str:
+    import torch
+
+    from matryoshka import __version__
+
+    return f"matryoshka {__version__} (torch {torch.__version__})"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
+        return 0
+    if argv[0] in ("--version", "-V"):
+        print(version_line())
         return 0
     name = argv[0]
     if name not in COMMANDS:
@@ -56,7 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         from matryoshka.cpu_allocator import keep_freed_memory
 
         keep_freed_memory()
-    return int(module.run(args) or 0)
+    from matryoshka.commands.common import UsageError, fail, missing_extra_message, quiet_libraries
+
+    if getattr(args, "quiet", False):
+        quiet_libraries()
+    try:
+        return int(module.run(args) or 0)
+    except UsageError as error:
+        return fail(name, str(error))
+    except ImportError as error:
+        message = missing_extra_message(error)
+        if message is None:
+            raise
+        return fail(name, message)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ class DemoRequest:
     autoguidance: bool = False  # guide with the demo's guide model instead of the unconditional branch
 
 
-# What a request may carry, and the value a missing field takes (seed None: a random seed).
+# What a request may carry, and the value a missing field takes (seed None: a random seed; steps, guidance
+# and sampler: the model's recommended settings, `config.sampling`).
 REQUEST_DEFAULTS: dict[str, Any] = {
     "prompt": "", "negative_prompt": "", "steps": 20, "guidance": 3.0, "seed": None, "sampler": "ddim",
     "num_images": 1, "guidance_interval": "", "guidance_rescale": 0.0, "autoguidance": False,
@@ -165,7 +166,11 @@ def validate_request(
     unknown = sorted(set(fields) - set(REQUEST_DEFAULTS))
     if unknown:
         raise DemoRequestError(f"unknown request field {unknown[0]!r}; known: {', '.join(REQUEST_DEFAULTS)}")
-    values = {**REQUEST_DEFAULTS, **fields}
+    recommended = pipe.config.sampling
+    scale = recommended.guidance_scale
+    model_defaults = {"steps": recommended.num_inference_steps, "sampler": recommended.sampler,
+                      "guidance": scale[0] if isinstance(scale, list) else scale}
+    values = {**REQUEST_DEFAULTS, **model_defaults, **fields}
     prompt, negative_prompt, steps = values["prompt"], values["negative_prompt"], values["steps"]
     guidance, seed, sampler, num_images = values["guidance"], values["seed"], values["sampler"], values["num_images"]
     prompt = _clean_text(prompt, "prompt", limits.max_prompt_chars)
@@ -465,14 +470,20 @@ def build_demo(
                     max_length=limits.max_prompt_chars, elem_id="negative-prompt",
                     visible=pipe.is_text_conditional,
                 )
-                steps = gr.Slider(1, max_steps, value=min(20, max_steps), step=1, label="Steps", elem_id="steps")
+                recommended = pipe.config.sampling  # the model's own settings start the page
+                default_guidance = recommended.guidance_scale
+                if isinstance(default_guidance, list):
+                    default_guidance = default_guidance[0]
+                steps = gr.Slider(1, max_steps, value=min(recommended.num_inference_steps, max_steps), step=1,
+                                  label="Steps", elem_id="steps")
                 guidance = gr.Slider(
-                    0, limits.max_guidance, value=min(7.5, limits.max_guidance), step=0.5,
+                    0, limits.max_guidance, value=min(default_guidance, limits.max_guidance), step=0.5,
                     label="Guidance scale", elem_id="guidance",
                 )
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (empty: random)", elem_id="seed")
-                    sampler = gr.Dropdown(samplers, value=samplers[0], label="Sampler", elem_id="sampler")
+                    default_sampler = recommended.sampler if recommended.sampler in samplers else samplers[0]
+                    sampler = gr.Dropdown(samplers, value=default_sampler, label="Sampler", elem_id="sampler")
                 num_images = gr.Slider(
                     1, limits.max_images, value=min(2, limits.max_images), step=1, label="Images", elem_id="num-images"
                 )

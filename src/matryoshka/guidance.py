@@ -111,10 +111,12 @@ class GuidedDenoiser:
 
     def guided_levels(self, num_levels: int, t_model: torch.Tensor) -> list[bool]:
         """Which levels are guided at this call (t_model: the network's time, state time - 1)."""
-        t = float(t_model.reshape(-1)[0]) + 1
         intervals = self._interval_list(num_levels)
         if len(intervals) != num_levels:
             raise ValueError(f"{len(intervals)} guidance intervals for a {num_levels}-level model")
+        if all(interval is None for interval in intervals):
+            return [self.scale_of(r) != 1 for r in range(num_levels)]
+        t = float(t_model.reshape(-1)[0]) + 1
         gammas = self.schedule.gammas_at(t) if self.schedule is not None else [0.0] * num_levels
         return [
             self.scale_of(r) != 1 and (intervals[r] is None or intervals[r].contains(gammas[r], t))

@@ -6,7 +6,7 @@ the model was trained with. Weights are safetensors only: loading one never runs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,21 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
+class SamplingDefaults:
+    """The sampling settings a model recommends: `matryoshka generate`, the demo and the pipeline use them
+    unless told otherwise. The defaults are the official models' (50 DDIM steps, guidance 7.5)."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float | list[float] = 7.5
+    sampler: str = "ddim"
+
+    def validate(self) -> None:
+        require(self.num_inference_steps >= 1, "num_inference_steps", "must be >= 1")
+        scales = self.guidance_scale if isinstance(self.guidance_scale, list) else [self.guidance_scale]
+        require(all(w >= 0 for w in scales), "guidance_scale", "must be >= 0")
+
+
+@dataclass
 class MDMConfig:
     """Everything needed to rebuild and run a trained model."""
 
@@ -32,6 +47,7 @@ class MDMConfig:
     text_encoder: str | None = None
     # Names of the classes of a class-conditional model (index = label).
     class_names: list[str] | None = None
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def validate(self) -> None:
         try:

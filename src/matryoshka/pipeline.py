@@ -265,9 +265,9 @@ class MatryoshkaPipeline:
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         class_labels: ClassLabel | Sequence[ClassLabel] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float | Sequence[float] = 7.5,
-        sampler: str = "ddim",
+        num_inference_steps: int | None = None,
+        guidance_scale: float | Sequence[float] | None = None,
+        sampler: str | None = None,
         eta: float = 0.0,
         generator: torch.Generator | int | None = None,
         num_images_per_prompt: int = 1,
@@ -282,6 +282,9 @@ class MatryoshkaPipeline:
         guide_model: MatryoshkaPipeline | NestedUNet | None = None,
     ) -> PipelineOutput:
         """Generates num_images_per_prompt images for every prompt (or class label).
+
+        num_inference_steps, guidance_scale, sampler: None takes the model directory's recommended
+        settings (`config.sampling`; the official 50 DDIM steps at guidance 7.5 unless the model says else).
 
         guidance_scale: w in u + w (c - u), one float or one per level (highest first); 1 = no guidance.
         generator: a torch.Generator on the pipeline's device, or an int seed; the initial noise of every
@@ -304,6 +307,10 @@ class MatryoshkaPipeline:
             conditional prediction instead of the unconditional one (a pipeline or network of the same
             levels, conditioning and diffusion); the negative prompt is then unused.
         """
+        recommended = self.config.sampling
+        num_inference_steps = recommended.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = recommended.guidance_scale if guidance_scale is None else guidance_scale
+        sampler = recommended.sampler if sampler is None else sampler
         sample_fn = get_sampler(sampler)
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")

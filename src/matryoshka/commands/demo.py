@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"matryoshka demo: error: {message}", file=sys.stderr)
         return 2
 
+    from matryoshka.commands.common import check_device
+
+    check_device(args.device)
     if not 1 <= args.port <= 65535:
         return fail(f"--port must be between 1 and 65535, got {args.port}")
     limits = DemoLimits(max_steps=args.max_steps, max_images=args.max_images, max_prompt_chars=args.max_prompt_chars)

@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=defaults.device, help=f"torch device (default {defaults.device})")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", type=Path, required=True, help="output directory (report.json, PNG plots)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the report in --out (without it a --out holding report.json is refused)")
 
 
 def parse_guidance(text: str) -> float | list[float]:
@@ -65,11 +67,14 @@ def parse_guidance(text: str) -> float | list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from matryoshka.commands.common import check_device, refuse_existing_file
     from matryoshka.evaluation import InceptionUnavailableError
     from matryoshka.evaluation.run import EvalSettings, Evaluator
     from matryoshka.pipeline import MatryoshkaPipeline
     from matryoshka.typed_config import ConfigError
 
+    check_device(args.device)
+    refuse_existing_file(args.out / "report.json", "--out", args.overwrite)
     try:
         settings = EvalSettings(
             num_samples=args.num_samples, steps=args.steps, guidance=parse_guidance(args.guidance),
@@ -90,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"matryoshka eval: error: {error}", file=sys.stderr)
         return 2
 
+    if args.quiet:
+        return 0
     accuracy = report["conditioning"]["accuracy"]
     kid_mean, kid_std = report["kid"]["mean"], report["kid"]["std"]
     print(

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from matryoshka.commands.common import UsageError, check_device, refuse_existing_file
+
 DEFAULT_MODEL_NAME = "fashion-t2i"
 TRAIN_HINT = (
     "train one with `matryoshka train configs/fashion_t2i_32x16.yaml --out runs/fashion-t2i` and pass its "
@@ -34,9 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help='text encoder: "minilm", "t5:google/flan-t5-xl", "t5:/local/dir" (overrides the model\'s)',
     )
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: the model's recommended, e.g. 50)")
     parser.add_argument(
-        "--guidance", default="7.5", help="guidance scale w, or one per level highest first: 7.5 or 7.5,3 (default 7.5)"
+        "--guidance", default=None,
+        help="guidance scale w, or one per level highest first: 3 or 3,1 (default: the model's recommended; "
+        "3 for the embedded model, 7.5 for the official ones)",
     )
     parser.add_argument("--negative-prompt", default=None, help='the unconditional branch (default "")')
     parser.add_argument(
@@ -57,10 +62,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "instead of the unconditional branch")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     parser.add_argument("--num-images", type=int, default=1, help="images to generate (a grid when > 1)")
-    parser.add_argument("--sampler", default="ddim", choices=available_samplers(), help="sampler (default ddim)")
+    parser.add_argument("--sampler", default=None, choices=available_samplers(),
+                        help="sampler (default: the model's recommended, e.g. ddim)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
     parser.add_argument("--class", dest="class_label", metavar="NAME_OR_ID", help="class of a class-conditional model")
     parser.add_argument("--all-levels", action="store_true", help="also write FILE.level{i}.png for every level")
+    parser.add_argument("--save-each", action="store_true",
+                        help="also write every image on its own: FILE.{i}.png (with --all-levels, also "
+                        "FILE.{i}.level{r}.png)")
+    parser.add_argument("--scale", type=int, default=1, metavar="N",
+                        help="enlarge the written images N times (nearest neighbour, for viewing small models; "
+                        "default 1)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output files that exist (without it an existing --out is refused, nothing "
+                        "is written)")
     parser.add_argument("--init-image", type=Path, metavar="PNG",
                         help="super-resolution / variations: pin a low level to this image (see --init-level)")
     parser.add_argument("--init-level", type=int, default=None,
@@ -75,18 +90,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--channels-last", action="store_true",
         help="run the network's convolutions channels-last (same images; about 1.13x faster on a CPU)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages, errors only")
     parser.add_argument("--fps", type=float, default=8.0, help="video models: frames per second (default 8)")
     parser.add_argument(
         "--out", type=Path, required=True, help="output file: an image (.png), or for video models .gif or .mp4"
     )
 
 
-def _guidance(text: str) -> float | list[float]:
+def _guidance(text: str | None) -> float | list[float] | None:
+    if text is None:
+        return None
     try:
         values = [float(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(f"--guidance must be a number or comma-separated numbers, got {text!r}") from None
+        raise UsageError(f"--guidance must be a number or comma-separated numbers, got {text!r}") from None
     return values[0] if len(values) == 1 else values
 
 
@@ -129,11 +146,14 @@ def level_path(out: Path, level: int) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from matryoshka.data import make_grid, tensor_to_pil
-
     try:
+        check_device(args.device)
         if args.num_images < 1:
-            raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+            raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
+        if args.steps is not None and args.steps < 1:
+            raise UsageError(f"--steps must be >= 1, got {args.steps}")
+        if args.scale < 1:
+            raise UsageError(f"--scale must be a whole number >= 1, got {args.scale}")
         guidance = _guidance(args.guidance)
         class_label = args.class_label
         if class_label is not None and class_label.strip().isdigit():
@@ -148,6 +168,15 @@ def run(args: argparse.Namespace) -> int:
             except (OSError, UnidentifiedImageError) as error:
                 raise ValueError(f"--init-image {args.init_image}: not a readable image ({error})") from None
         pipe = _load_pipeline(args)
+        steps = args.steps if args.steps is not None else pipe.config.sampling.num_inference_steps
+        if steps > pipe.schedule.num_train_steps:
+            raise UsageError(
+                f"--steps {steps}: must be between 1 and {pipe.schedule.num_train_steps} (the model's training steps)"
+            )
+        sampler = args.sampler or pipe.config.sampling.sampler
+        _check_out(args.out, pipe.is_video)
+        for path in _planned_outputs(args, pipe):
+            refuse_existing_file(path, "--out", args.overwrite)
         interval = None
         if args.guidance_interval is not None:
             from matryoshka.guidance import parse_intervals
@@ -169,16 +198,15 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.channels_last:
             pipe.to(memory_format=torch.channels_last)
-        _check_out(args.out, pipe.is_video)
         seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         started = time.perf_counter()
         output = pipe(
             args.prompt,
             negative_prompt=args.negative_prompt,
             class_labels=class_label,
-            num_inference_steps=args.steps,
+            num_inference_steps=steps,
             guidance_scale=guidance,
-            sampler=args.sampler,
+            sampler=sampler,
             eta=args.eta,
             generator=seed,
             num_images_per_prompt=args.num_images,
@@ -191,34 +219,73 @@ def run(args: argparse.Namespace) -> int:
             guide_model=guide,
         )
         elapsed = time.perf_counter() - started
+    except UsageError:
+        raise
     except (ValueError, TypeError, FileNotFoundError, pickle.UnpicklingError) as error:
         print(f"matryoshka generate: error: {error}", file=sys.stderr)
         return 2
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    what = f"{len(output.images)} {'video(s)' if pipe.is_video else 'image(s)'}, {steps} {sampler} steps"
     if pipe.is_video:
         written = _write_videos(output.tensors, args)
-        print(
-            f"seed {seed}: {len(output.images)} video(s), {args.steps} {args.sampler} steps in {elapsed:.1f} s -> "
-            + ", ".join(str(p) for p in written)
-        )
-        return 0
-    nrow = max(1, int(len(output.images) ** 0.5 + 0.999))
-    written = []
-    top = output.images[0] if len(output.images) == 1 else make_grid(output.tensors[0], nrow=nrow)
-    top.save(args.out)
-    written.append(args.out)
-    if args.all_levels:
-        for level, tensor in enumerate(output.tensors):
-            path = level_path(args.out, level)
-            image = make_grid(tensor, nrow=nrow) if tensor.shape[0] > 1 else tensor_to_pil(tensor[0])
-            image.save(path)
-            written.append(path)
-    print(
-        f"seed {seed}: {len(output.images)} image(s), {args.steps} {args.sampler} steps in {elapsed:.1f} s -> "
-        + ", ".join(str(p) for p in written)
-    )
+    else:
+        written = _write_images(output.tensors, args)
+    if not args.quiet:
+        print(f"seed {seed}: {what} in {elapsed:.1f} s -> " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _enlarged(image, scale: int):
+    from PIL import Image
+
+    if scale == 1:
+        return image
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def _image_of(tensor, scale: int):
+    """One image (C, S, S), or a grid of a batch (B, C, S, S), enlarged `scale` times."""
+    from matryoshka.data import make_grid, tensor_to_pil
+
+    if tensor.ndim == 3 or tensor.shape[0] == 1:
+        return _enlarged(tensor_to_pil(tensor if tensor.ndim == 3 else tensor[0]), scale)
+    nrow = max(1, int(tensor.shape[0] ** 0.5 + 0.999))
+    return _enlarged(make_grid(tensor, nrow=nrow), scale)
+
+
+def _write_images(tensors: list, args: argparse.Namespace) -> list[Path]:
+    """--out (the top level: one image, or a grid), FILE.level{r}.png, FILE.{i}.png (see _planned_outputs)."""
+    written = []
+    for path, tensor in _image_outputs(tensors, args):
+        _image_of(tensor, args.scale).save(path)
+        written.append(path)
+    return written
+
+
+def _image_outputs(tensors: list, args: argparse.Namespace) -> list[tuple[Path, object]]:
+    outputs = [(args.out, tensors[0])]
+    levels = range(len(tensors)) if args.all_levels else []
+    outputs += [(level_path(args.out, level), tensors[level]) for level in levels]
+    if args.save_each and tensors[0].shape[0] > 1:
+        for i in range(tensors[0].shape[0]):
+            each = args.out.with_name(f"{args.out.stem}.{i}{args.out.suffix or '.png'}")
+            outputs.append((each, tensors[0][i]))
+            outputs += [(level_path(each, level), tensors[level][i]) for level in levels]
+    return outputs
+
+
+def _planned_outputs(args: argparse.Namespace, pipe) -> list[Path]:
+    """Every file this call will write (checked before sampling, so nothing is overwritten unasked)."""
+    import torch
+
+    count = args.num_images
+    shapes = [torch.zeros(count, 1, 1, 1)] * pipe.config.model.num_levels  # stand-ins: only the count matters
+    if pipe.is_video:
+        from matryoshka.video.io import level_video_path
+
+        return [args.out, *([level_video_path(args.out, r) for r in range(len(shapes))] if args.all_levels else [])]
+    return [path for path, _ in _image_outputs(shapes, args)]
 
 
 def _check_out(out: Path, is_video: bool) -> None:

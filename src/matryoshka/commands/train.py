@@ -17,6 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, samples, model)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in DIR")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="start afresh in a DIR that holds a run: the old run is moved aside to DIR.old-<time> (never deleted). "
+        "Without --resume or --overwrite, a non-empty DIR is refused before anything is written",
+    )
+    parser.add_argument("--device", default=None, help="override the config's device (auto, cpu, cuda, cuda:N)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines, errors only")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop at global step N")
     parser.add_argument(
         "--threads", type=int, default=None, metavar="N",
@@ -29,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from matryoshka.commands.common import check_device, fail, set_aside
     from matryoshka.data import DataFaultError
     from matryoshka.training import load_train_config, train
     from matryoshka.training.checkpoint import CheckpointWriteError
@@ -54,9 +62,29 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.resume and args.overwrite:
+        return fail("train", "--resume continues the run in --out and --overwrite sets it aside: give one of them")
+    overrides = list(args.overrides)
+    if args.device is not None:
+        if args.device != "auto":
+            check_device(args.device)
+        overrides.append(f"device={args.device}")
+    if args.quiet:
+        overrides.append("logging.progress=false")
     try:
-        config = load_train_config(config_path, args.overrides)
-        result = train(config, args.out, resume=args.resume, max_steps=args.max_steps)
+        config = load_train_config(config_path, overrides)
+        if config.device not in ("auto",):
+            check_device(config.device, "device (in the config)")
+        if not args.resume and _holds_files(args.out):
+            if not args.overwrite:
+                return fail("train", (
+                    f"--out {args.out} already holds files (a run?); nothing was written. Continue it with --resume, "
+                    "choose another --out, or pass --overwrite to move it aside and start afresh"
+                ))
+            if _is_main_process():
+                moved = set_aside(args.out)
+                print(f"matryoshka train: moved the old {args.out} aside to {moved}", file=sys.stderr)
+        result = train(config, args.out, resume=args.resume, max_steps=args.max_steps, quiet=args.quiet)
     except ConfigError as err:
         print(f"matryoshka train: invalid config {config_path}: {err}", file=sys.stderr)
         return 2
@@ -66,6 +94,31 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:  # a dataset, model directory or checkpoint that is not there
         print(f"matryoshka train: {err}", file=sys.stderr)
         return 2
-    if result.model_dir is not None:
-        print(f"model: {result.model_dir}  (try: matryoshka generate --model {result.model_dir} --out sample.png)")
+    if result.model_dir is not None and not args.quiet:
+        print(f"model: {result.model_dir}\nnext: {next_command(config, result.model_dir)}")
     return 0
+
+
+def next_command(config, model_dir: Path) -> str:
+    """A `matryoshka generate` command that works for the trained model's kind of conditioning."""
+    model = config.mdm.model
+    out = "sample.gif" if model.num_frames else "sample.png"
+    command = f"matryoshka generate --model {model_dir} --num-images 4 --out {out}"
+    if model.num_classes:
+        names = config.mdm.class_names
+        label = names[0] if names else "0"
+        return command + f" --class {label!r}" if " " in label or "/" in label else command + f" --class {label}"
+    if model.text_dim:
+        prompt = (config.logging.sample_prompts or ["a photo"])[0]
+        return f'matryoshka generate "{prompt}" --model {model_dir} --num-images 4 --out {out}'
+    return command
+
+
+def _holds_files(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.iterdir())
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

@@ -18,6 +18,7 @@ from .faults import FAILURE_KINDS, NOTE_KINDS, DataFaultError, FaultCounter, Sam
 from .folders import FaultTolerantFolder, ImageFolderDataset
 from .transforms import (
     convert_channels,
+    label_rows,
     make_grid,
     pil_to_tensor,
     resize_center_crop,
@@ -53,6 +54,7 @@ __all__ = [
     "expand_shard_list",
     "iter_tar_groups",
     "load_arrays",
+    "label_rows",
     "make_grid",
     "pil_to_tensor",
     "resize_center_crop",

@@ -108,3 +108,29 @@ def make_grid(
         top, left = padding + row * (h + padding), padding + column * (w + padding)
         grid[:, top : top + h, left : left + w] = images[index].detach().float().cpu()
     return tensor_to_pil(grid)
+
+
+def label_rows(grid: Image.Image, labels: list[str], scale: int = 2, margin: int | None = None) -> Image.Image:
+    """A grid with one text label left of each of its rows, enlarged `scale` times (nearest neighbour).
+
+    grid: a `make_grid` image whose rows are len(labels) equal bands (padding included); labels: what each
+    row shows (its prompt or class). Long labels are cut to fit the margin."""
+    from PIL import ImageDraw, ImageFont
+
+    if not labels:
+        raise ValueError("label_rows needs at least one label")
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    font = ImageFont.load_default()
+    margin = margin if margin is not None else min(200, 8 + 6 * max(len(label) for label in labels))
+    width, height = grid.width * scale, grid.height * scale
+    out = Image.new("RGB", (margin + width, height), (0, 0, 0))
+    out.paste(grid.convert("RGB").resize((width, height), Image.Resampling.NEAREST), (margin, 0))
+    draw = ImageDraw.Draw(out)
+    band = height / len(labels)
+    for row, label in enumerate(labels):
+        text = label
+        while text and draw.textlength(text, font=font) > margin - 8:
+            text = text[:-2] + "…" if len(text) > 2 else ""
+        draw.text((4, int(row * band + band / 2)), text, fill=(255, 255, 255), font=font, anchor="lm")
+    return out

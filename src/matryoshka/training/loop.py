@@ -24,7 +24,7 @@ import torch
 
 from matryoshka import pyramid as pyr
 from matryoshka.cpu_allocator import keep_freed_memory
-from matryoshka.data import DataFaultError, FaultCounter
+from matryoshka.data import DataFaultError, FaultCounter, label_rows
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.losses import LossOutput, multi_resolution_loss, rows_per_level
 from matryoshka.model_dir import MDMConfig, save_model_dir
@@ -49,7 +49,7 @@ from matryoshka.training.monitor import RunMonitor
 from matryoshka.training.noise import draw
 from matryoshka.training.optim import learning_rate, make_optimizer
 from matryoshka.training.plateau import PlateauTracker, held_out_items, held_out_loss
-from matryoshka.training.previews import pyramid_grid, sample_pyramid, save_grid
+from matryoshka.training.previews import preview_labels, pyramid_grid, sample_pyramid, save_grid
 from matryoshka.training.stages import initial_models, stage_mdm_config
 from matryoshka.typed_config import ConfigError, from_dict, save_yaml, to_dict
 
@@ -72,12 +72,13 @@ class TrainResult:
 
 
 def train(
-    config: TrainConfig, out_dir: str | Path, *, resume: bool = False, max_steps: int | None = None
+    config: TrainConfig, out_dir: str | Path, *, resume: bool = False, max_steps: int | None = None,
+    quiet: bool = False,
 ) -> TrainResult:
     """Train `config` into `out_dir`; with `resume`, continue from its latest complete checkpoint.
 
     max_steps: stop at this global step (a checkpoint and a model directory are written there);
-    the trajectory does not depend on it, so a later `resume` continues exactly.
+    the trajectory does not depend on it, so a later `resume` continues exactly. quiet: no messages.
     """
     out_dir = Path(out_dir)
     runtime = distributed.setup(config.device)
@@ -125,7 +126,8 @@ def train(
         preview_prompts = config.logging.sample_prompts
 
         monitor = RunMonitor(
-            out_dir, runtime.is_main, config.logging.tensorboard, config.logging.progress, last_step, step
+            out_dir, runtime.is_main, config.logging.tensorboard, config.logging.progress and not quiet, last_step,
+            step, quiet,
         )
         use_bf16 = config.optim.precision == "bf16" or (
             config.optim.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -304,7 +306,7 @@ def train(
                         break
                 if config.logging.sample_every and step % config.logging.sample_every == 0:
                     write_preview(out_dir, step, ema_model, mdm, schedule, conditioner, preview_prompts, config,
-                                  runtime, sharded, use_bf16)
+                                  runtime, sharded, use_bf16, monitor)
                     previewed_at = step
                 if config.checkpoint.every and step % config.checkpoint.every == 0:
                     result.checkpoint = save_checkpoint(
@@ -323,7 +325,7 @@ def train(
             result.model_dir = export_model(out_dir, stage_index, step, ema_model, mdm, runtime)
             if previewed_at != step:
                 write_preview(out_dir, step, ema_model, mdm, schedule, conditioner, preview_prompts, config,
-                              runtime, sharded, use_bf16)
+                              runtime, sharded, use_bf16, monitor)
             previous = (distributed.full_state_dict(wrapped), distributed.full_state_dict(ema_model), stage.levels)
             del wrapped, forward, optimizer
 
@@ -517,10 +519,10 @@ def export_weights(
 def write_preview(
     out_dir: Path, step: int, ema_model: torch.nn.Module, mdm: MDMConfig, schedule: PyramidSchedule,
     conditioner: BatchConditioner, prompts: list[str] | None, config: TrainConfig, runtime: distributed.Runtime,
-    sharded: bool, use_bf16: bool,
+    sharded: bool, use_bf16: bool, monitor: RunMonitor | None = None,
 ) -> None:
     """DIR/samples/step-XXXXXXX.png (+ .gif for video) from the EMA model (every rank takes part when it is
-    sharded)."""
+    sharded): one row per sample, labelled with its prompt or class, also logged to TensorBoard."""
     count = config.logging.sample_count
     if count == 0 or not (runtime.is_main or sharded):
         return
@@ -532,7 +534,13 @@ def write_preview(
             config.logging.sample_guidance, config.seed, device,
         )
     if runtime.is_main:
-        save_grid(pyramid_grid(levels), out_dir / "samples" / f"step-{step:07d}.png")
+        grid = pyramid_grid(levels)
+        labels = preview_labels(mdm, count, prompts)
+        if labels is not None:
+            grid = label_rows(grid, labels, scale=2)
+        save_grid(grid, out_dir / "samples" / f"step-{step:07d}.png")
+        if monitor is not None:
+            monitor.image("samples", grid, step)
         if levels[0].ndim == 5:  # video: the top level also as an animation
             from matryoshka.video import save_video, tile_videos
 

@@ -16,9 +16,11 @@ from tqdm.auto import tqdm
 
 class RunMonitor:
     def __init__(
-        self, out_dir: Path, enabled: bool, tensorboard: bool, progress: bool, total_steps: int, start_step: int
+        self, out_dir: Path, enabled: bool, tensorboard: bool, progress: bool, total_steps: int, start_step: int,
+        quiet: bool = False,
     ) -> None:
         self.enabled = enabled
+        self.quiet = quiet  # no messages (errors still raise)
         self.writer = None
         self.bar = None
         self.metrics_path = out_dir / "metrics.jsonl"
@@ -46,6 +48,15 @@ class RunMonitor:
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **values, **(extra or {})}) + "\n")
 
+    def image(self, tag: str, image, step: int) -> None:
+        """A PIL image to TensorBoard (the preview grids)."""
+        if not self.enabled or self.writer is None:
+            return
+        import numpy as np
+
+        self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        self.writer.flush()
+
     def advance(self, step: int, postfix: dict[str, str] | None = None) -> None:
         if self.bar is None:
             return
@@ -54,7 +65,7 @@ class RunMonitor:
             self.bar.set_postfix(postfix, refresh=False)
 
     def message(self, text: str) -> None:
-        if not self.enabled:
+        if not self.enabled or self.quiet:
             return
         if self.bar is not None and not self.bar.disable:
             self.bar.write(text)

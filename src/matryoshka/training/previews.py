@@ -49,6 +49,18 @@ def sample_pyramid(
     )
 
 
+def preview_labels(mdm, count: int, prompts: list[str] | None) -> list[str] | None:
+    """What each preview row shows, in the order `BatchConditioner.for_samples` conditions them: the class
+    name (labels cycle over the classes) or the prompt (prompts cycle); None for unconditional models."""
+    if mdm.model.num_classes > 0:
+        names = mdm.class_names or [str(i) for i in range(mdm.model.num_classes)]
+        return [names[i % len(names)] for i in range(count)]
+    if mdm.model.text_dim > 0:
+        prompts = prompts or [""]
+        return [prompts[i % len(prompts)] or "(empty prompt)" for i in range(count)]
+    return None
+
+
 def pyramid_grid(levels: list[torch.Tensor]) -> Image.Image:
     """One row per sample, its levels from lowest to highest resolution, each scaled to the top size.
 
