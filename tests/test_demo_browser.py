@@ -148,7 +148,8 @@ def pixels(outputs: list) -> list[list]:
 
 
 def test_server_refuses_bad_requests_and_keeps_serving(server):
-    good = ("a red sneaker", "", 3, 5.0, 1, "ddim", 2)
+    # prompt, negative, steps, guidance, seed, sampler, images, guidance interval, rescale, autoguidance
+    good = ("a red sneaker", "", 3, 5.0, 1, "ddim", 2, "", 0, False)
     # (request, acceptable messages): gradio >= 6 checks slider/number/dropdown ranges itself before our
     # function runs (older gradio does not, and then our own check answers).
     refused = [
@@ -156,9 +157,9 @@ def test_server_refuses_bad_requests_and_keeps_serving(server):
         (("red \x00 shoe", *good[1:]), ["prompt contains a control character (U+0000"]),
         (("shoe", "\x1b[2J", *good[2:]), ["negative prompt contains a control character (U+001B"]),
         ((*good[:2], MAX_STEPS + 1, *good[3:]), ["greater than maximum", f"steps must be between 1 and {MAX_STEPS}"]),
-        ((*good[:6], MAX_IMAGES + 1), ["greater than maximum", "number of images must be between"]),
+        ((*good[:6], MAX_IMAGES + 1, *good[7:]), ["greater than maximum", "number of images must be between"]),
         ((*good[:4], -4, *good[5:]), ["less than minimum", "seed must be between 0"]),
-        ((*good[:5], "euler-ancestral", good[6]), ["not in the list of choices", "unknown sampler"]),
+        ((*good[:5], "euler-ancestral", *good[6:]), ["not in the list of choices", "unknown sampler"]),
         ((*good[:3], None, *good[4:]), ["component at index 3", "guidance must be a number"]),
         ((*good[:2], "3; rm -rf /", *good[3:]), ["component at index 2", "steps must be a whole number"]),
         (("x",), ["Received inputs"]),  # too few inputs
@@ -170,7 +171,8 @@ def test_server_refuses_bad_requests_and_keeps_serving(server):
     # NaN is not JSON, but the server's parser accepts the literal: our check must refuse it.
     posted = httpx.post(
         f"{server.url}gradio_api/call/generate", timeout=REQUEST_TIMEOUT_S,
-        content=b'{"data": ["shoe", "", 3, NaN, 1, "ddim", 1]}', headers={"content-type": "application/json"},
+        content=b'{"data": ["shoe", "", 3, NaN, 1, "ddim", 1, "", 0, false]}',
+        headers={"content-type": "application/json"},
     )
     if posted.status_code == 200:
         event = posted.json()["event_id"]
@@ -186,7 +188,7 @@ def test_server_refuses_bad_requests_and_keeps_serving(server):
 
 
 def test_concurrent_clients_get_their_own_images(server):
-    jobs = [("a bag", "", 3, 4.0, seed, "ddim", 1 + seed % 2) for seed in range(4)]
+    jobs = [("a bag", "", 3, 4.0, seed, "ddim", 1 + seed % 2, "", 0, False) for seed in range(4)]
     expected = {}
     for job in jobs:
         kind, outputs = call(server, *job)
@@ -253,7 +255,7 @@ def test_page_generates_every_level_in_headless_chromium(server, tmp_path):
             return value if value.startswith("seed ") else False
 
         info = wait.until(finished)
-        assert "20 ddim steps" in info and "2 image(s)" in info  # the page's default settings
+        assert f"{min(50, MAX_STEPS)} ddim steps" in info and "2 image(s)" in info  # the model's settings, capped
         for level in (0, 1):
             images = wait.until(
                 lambda driver, level=level: driver.find_elements(By.CSS_SELECTOR, f"#level-{level} img") or False

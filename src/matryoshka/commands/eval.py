@@ -18,9 +18,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = EvalSettings()
     parser.add_argument("--model", type=Path, required=True, help="a model directory (config.yaml + model.safetensors)")
     parser.add_argument(
-        "--reference", default=FASHION_MNIST, metavar="fashion_mnist|FOLDER",
-        help="real images to compare with: the Fashion-MNIST test split (default) or a folder of images",
+        "--reference", default=FASHION_MNIST, metavar="fashion_mnist|FOLDER|STATS.npz",
+        help="real images to compare with: the Fashion-MNIST test split (default), a folder of images, or an .npz "
+        "of reference statistics (mu and sigma of the 2048-d Inception pool features, as other FID tools write "
+        "them; FID only)",
     )
+    parser.add_argument(
+        "--prompts", type=Path, metavar="FILE",
+        help="prompts for a text-to-image model, one per line (cycled over the samples), or a TSV "
+        "'prompt<TAB>class' whose class (an index or a class name) the fidelity classifier checks. Without it a "
+        "text model is prompted with Fashion-MNIST captions, which only makes sense against fashion_mnist",
+    )
+    parser.add_argument("--clip-model", metavar="NAME_OR_DIR", default=None,
+                        help="CLIP score with this transformers CLIP (a hub id such as openai/clip-vit-base-patch32, "
+                        "or a local directory)")
     parser.add_argument("--num-reference", type=int, default=defaults.num_reference, metavar="M",
                         help=f"reference images used (default {defaults.num_reference})")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples, metavar="N",
@@ -66,6 +77,36 @@ def parse_guidance(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
+def read_prompts(path: Path, class_names: list[str] | None = None) -> tuple[list[str], list[int] | None]:
+    """(prompts, classes or None) from a prompts file: one prompt per line, or 'prompt<TAB>class' lines."""
+    from matryoshka.commands.common import UsageError
+    from matryoshka.data import CLASS_NAMES
+
+    if not path.is_file():
+        raise UsageError(f"--prompts {path} does not exist")
+    lines = [line.rstrip("\n\r") for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise UsageError(f"--prompts {path} holds no prompts")
+    if not any("\t" in line for line in lines):
+        return [line.strip() for line in lines], None
+    names = [name.lower() for name in (class_names or list(CLASS_NAMES))]
+    prompts, classes = [], []
+    for number, line in enumerate(lines, start=1):
+        prompt, _, label = line.partition("\t")
+        label = label.strip()
+        if number == 1 and label.lower() == "class":
+            continue  # a header
+        if label.isdigit():
+            classes.append(int(label))
+        elif label.lower() in names:
+            classes.append(names.index(label.lower()))
+        else:
+            raise UsageError(f"--prompts {path} line {number}: class {label!r} is neither an index nor one of {names}")
+        prompts.append(prompt.strip())
+    return prompts, classes
+
+
 def run(args: argparse.Namespace) -> int:
     from matryoshka.commands.common import check_device, refuse_existing_file
     from matryoshka.evaluation import InceptionUnavailableError
@@ -75,12 +116,14 @@ def run(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     refuse_existing_file(args.out / "report.json", "--out", args.overwrite)
+    prompts, prompt_labels = read_prompts(args.prompts) if args.prompts is not None else (None, None)
     try:
         settings = EvalSettings(
             num_samples=args.num_samples, steps=args.steps, guidance=parse_guidance(args.guidance),
             sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, reference=args.reference,
             num_reference=args.num_reference, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-            classifier_epochs=args.classifier_epochs, device=args.device,
+            classifier_epochs=args.classifier_epochs, device=args.device, prompts=prompts,
+            prompt_labels=prompt_labels, clip_model=args.clip_model,
         )
         settings.validate()
         if not (args.model / "config.yaml").is_file():
@@ -99,10 +142,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     accuracy = report["conditioning"]["accuracy"]
     kid_mean, kid_std = report["kid"]["mean"], report["kid"]["std"]
-    print(
-        f"{report['num_samples']} samples, {settings.steps} {settings.sampler} steps: FID {report['fid']:.2f}  "
-        f"KID {kid_mean:.4f} ± {kid_std:.4f}  precision {report['precision']:.3f}  recall {report['recall']:.3f}"
-        + (f"  conditioning accuracy {accuracy:.1%}" if accuracy is not None else "")
-        + f"\nreport: {args.out / 'report.json'}"
-    )
+    parts = [f"{report['num_samples']} samples, {settings.steps} {settings.sampler} steps: FID {report['fid']:.2f}"]
+    if kid_mean is not None:
+        parts.append(f"KID {kid_mean:.4f} ± {kid_std:.4f}  precision {report['precision']:.3f}  "
+                     f"recall {report['recall']:.3f}")
+    if accuracy is not None:
+        parts.append(f"conditioning accuracy {accuracy:.1%}")
+    if report.get("clip_score"):
+        parts.append(f"CLIP score {report['clip_score']['mean']:.2f}")
+    print("  ".join(parts) + f"\nreport: {args.out / 'report.json'}")
     return 0

@@ -82,3 +82,46 @@ def make_tiny_t5(path: str | Path, seed: int = 0, d_model: int = TINY_T5_DIM) ->
         torch.random.set_rng_state(generator_state)
     model.save_pretrained(path)
     return path
+
+
+def make_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Writes a randomly initialised tiny CLIP (1-layer text and vision towers, 32-d projections), a
+    word-level tokenizer over TINY_T5_WORDS and the letters, and a CLIP image processor to `path`,
+    loadable exactly as a hub CLIP is (CLIPModel / AutoTokenizer / CLIPImageProcessor.from_pretrained)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    words = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|unk|>", *TINY_T5_WORDS,
+             *(chr(c) for c in range(ord("a"), ord("z") + 1))]
+    vocab = {word: index for index, word in enumerate(dict.fromkeys(words))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 1), ("<|endoftext|>", 2)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<|pad|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+        unk_token="<|unk|>", model_max_length=32,
+    )
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(path)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 32, "pad_token_id": 0, "bos_token_id": 1,
+                     "eos_token_id": 2},
+        vision_config={"image_size": image_size, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 1, "num_attention_heads": 2},
+        projection_dim=32,
+    )
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.save_pretrained(path)
+    return path

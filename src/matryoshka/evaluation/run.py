@@ -48,7 +48,7 @@ from matryoshka.evaluation.fid import (
     precision_recall,
     stats_key,
 )
-from matryoshka.evaluation.inception import InceptionFeatureExtractor
+from matryoshka.evaluation.inception import INCEPTION_FEATURE_DIM, InceptionFeatureExtractor
 from matryoshka.evaluation.report import plot_bars, write_json_report
 
 __all__ = [
@@ -91,7 +91,9 @@ class EvalSettings:
         sampler: a name registered with ``matryoshka.pipeline.register_sampler`` ("ddim", ...).
         seed: seeds the sampler noise, the captions and the KID subsets.
         batch_size: images generated (and classified) per forward pass.
-        reference: ``"fashion_mnist"`` (the test split, fitted to the model's size) or an image folder.
+        reference: ``"fashion_mnist"`` (the test split, fitted to the model's size), an image folder, or an
+            ``.npz`` of reference statistics as other FID tools write them (``mu`` and ``sigma`` of the
+            2048-d pool features; then FID only: KID and precision/recall need the features).
         fit: how Fashion-MNIST's 28 px images are fitted to the model's size, for the reference, the
             real-data floor and a classifier trained on the fly: ``"pad"`` (centred on a black canvas),
             ``"resize"``, or ``"auto"`` (pad when the model is at least 28 px, else resize). Use the fit
@@ -102,6 +104,10 @@ class EvalSettings:
         pr_k: k of the k-NN manifolds of precision/recall.
         classifier_epochs, classifier_width: for a classifier trained on the fly on Fashion-MNIST.
         device: where the model, Inception and the classifier run.
+        prompts: the prompts of a text-to-image model (sample i gets prompts[i % len]); None: Fashion-MNIST
+            captions naming class i mod 10, which only makes sense against the fashion_mnist reference.
+        prompt_labels: the class each prompt names (for the fidelity classifier); None: not measured.
+        clip_model: a CLIP (hub id or directory) for the CLIP score of a text model; None: not measured.
     """
 
     num_samples: int = 1000
@@ -119,6 +125,9 @@ class EvalSettings:
     classifier_epochs: int = 2
     classifier_width: int = 16
     device: str = "cpu"
+    prompts: list[str] | None = None
+    prompt_labels: list[int] | None = None
+    clip_model: str | None = None
 
     def resolved_fit(self, image_size: int) -> str:
         """The Fashion-MNIST fit at `image_size`: `fit`, with "auto" made concrete."""
@@ -140,6 +149,11 @@ class EvalSettings:
             (self.classifier_epochs >= 1, "classifier_epochs", "must be >= 1"),
             (self.classifier_width >= 1, "classifier_width", "must be >= 1"),
         ]
+        if self.prompts is not None:
+            checks.append((len(self.prompts) >= 1, "prompts", "must hold at least one prompt"))
+            if self.prompt_labels is not None:
+                checks.append((len(self.prompt_labels) == len(self.prompts), "prompt_labels",
+                               f"must give one class per prompt ({len(self.prompts)})"))
         guidance = [self.guidance] if isinstance(self.guidance, int | float) else list(self.guidance)
         checks.append((bool(guidance) and all(math.isfinite(w) for w in guidance), "guidance", "must be finite"))
         for ok, name, message in checks:
@@ -165,7 +179,7 @@ def fid_from_features(sample_features: ArrayLike, reference: FeatureStats | Arra
 class ReferenceSet:
     """Inception features ``(M, D)`` of the reference images, their statistics, and what made them."""
 
-    features: np.ndarray
+    features: np.ndarray | None  # None for statistics read from a .npz (FID only)
     stats: FeatureStats
     description: dict[str, Any]
 
@@ -188,16 +202,40 @@ def distribution_metrics(
     """
     samples = sample_features.detach().cpu().numpy() if isinstance(sample_features, torch.Tensor) else sample_features
     samples = np.asarray(samples)
+    fid = fid_from_features(samples, reference.stats)
+    if reference.features is None:  # statistics only
+        return {"fid": fid, "kid": {"mean": None, "std": None, "subsets": 0, "subset_size": 0}, "precision": None,
+                "recall": None, "pr_k": pr_k}
     subset_size = min(kid_subset_size, len(samples), len(reference.features))
     kid_mean, kid_std = kid(samples, reference.features, subsets=kid_subsets, subset_size=subset_size, seed=seed)
     pr = precision_recall(reference.features, samples, k=pr_k)
     return {
-        "fid": fid_from_features(samples, reference.stats),
+        "fid": fid,
         "kid": {"mean": kid_mean, "std": kid_std, "subsets": kid_subsets, "subset_size": subset_size},
         "precision": pr.precision,
         "recall": pr.recall,
         "pr_k": pr_k,
     }
+
+
+def load_reference_stats(path: str | Path) -> FeatureStats:
+    """Reference statistics from a .npz: ``mu`` / ``sigma`` (pytorch-fid, clean-fid, fid-helper-pytorch) or
+    ``mean`` / ``cov`` (ours)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics {path} do not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = set(data.files)
+            mean_name, cov_name = ("mu", "sigma") if {"mu", "sigma"} <= names else ("mean", "cov")
+            if not {mean_name, cov_name} <= names:
+                raise ValueError(f"{path} holds {sorted(names)}; expected mu and sigma (or mean and cov)")
+            mean, cov = np.asarray(data[mean_name], np.float64), np.asarray(data[cov_name], np.float64)
+            n = int(data["n"]) if "n" in names else 0
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not readable reference statistics ({error})") from None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return FeatureStats(mean=mean, cov=cov, n=n, key=f"npz-{digest}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,12 +303,22 @@ def reference_set(
     progress: bool = True,
     fit: str = "auto",
 ) -> ReferenceSet:
-    """Reference features and statistics, from ``cache_dir`` when something identical made them before.
+    """Reference features and statistics, from ``cache_dir`` when something identical made them before
+    (or the statistics alone, from an ``.npz`` given as ``spec``).
 
     The cache key covers the images (dataset/split or folder contents, size, channels, count) and the
     extractor's fingerprint (weights + preprocessing); files: ``<key>.npz`` (statistics, see
     ``cached_feature_stats``), ``<key>.json`` (the description) and ``<key>.features.npy``.
     """
+    if str(spec).endswith(".npz"):
+        stats = load_reference_stats(spec)
+        if stats.dim != INCEPTION_FEATURE_DIM:
+            raise ValueError(
+                f"reference statistics {spec} are {stats.dim}-d; the Inception pool features are "
+                f"{INCEPTION_FEATURE_DIM}-d"
+            )
+        return ReferenceSet(features=None, stats=stats, description={"reference": "npz", "path": str(spec),
+                                                                     "n": stats.n, "key": stats.key})
     load, description = load_reference_images(spec, image_size, channels, limit, fit)
     description["extractor"] = extractor.fingerprint
     cache_dir = Path(cache_dir).expanduser()
@@ -361,10 +409,22 @@ def generate_samples(pipe: Any, settings: EvalSettings, progress: bool = True) -
     from tqdm.auto import tqdm
 
     n = settings.num_samples
-    if pipe.is_text_conditional:
+    labels: torch.Tensor | None
+    captions: list[str] | None
+    if pipe.is_text_conditional and settings.prompts is not None:
         kind = "caption"
-        labels: torch.Tensor | None = balanced_labels(n, len(CLASS_NAMES))
-        captions: list[str] | None = [
+        captions = [settings.prompts[i % len(settings.prompts)] for i in range(n)]
+        given = settings.prompt_labels
+        labels = None if given is None else torch.tensor([given[i % len(given)] for i in range(n)])
+    elif pipe.is_text_conditional:
+        if settings.reference != FASHION_MNIST:
+            raise ValueError(
+                "a text-to-image model scored against another reference than fashion_mnist needs its prompts "
+                "(EvalSettings.prompts; `matryoshka eval --prompts FILE`)"
+            )
+        kind = "caption"
+        labels = balanced_labels(n, len(CLASS_NAMES))
+        captions = [
             caption_for_label(int(label), random.Random(f"{settings.seed}/{i}")) for i, label in enumerate(labels)
         ]
     elif pipe.is_class_conditional:
@@ -439,6 +499,7 @@ class Evaluator:
     progress: bool = True
     _references: dict[tuple[int, int], ReferenceSet] = field(default_factory=dict, repr=False)
     _classifier: tuple[SmallCNNClassifier, str] | None = field(default=None, repr=False)
+    _clip: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.settings.validate()
@@ -474,6 +535,13 @@ class Evaluator:
                 )
         return self._classifier
 
+    def clip_scorer(self):
+        if self._clip is None:
+            from matryoshka.evaluation.clip_score import CLIPScorer
+
+            self._clip = CLIPScorer(self.settings.clip_model, self.settings.device)
+        return self._clip
+
     def evaluate(self, pipe: Any, out_dir: str | Path | None = None, model_name: str = "") -> dict[str, Any]:
         """Sample ``pipe`` (a MatryoshkaPipeline) and score it; with ``out_dir``, write the files there.
 
@@ -492,7 +560,11 @@ class Evaluator:
 
         # Validate the classifier against the model before paying for sampling.
         classifier: tuple[SmallCNNClassifier, str] | None = None
-        if not self.skip_classifier and (pipe.is_class_conditional or pipe.is_text_conditional):
+        unlabelled_prompts = (
+            pipe.is_text_conditional and settings.prompts is not None and settings.prompt_labels is None
+        )
+        conditional = pipe.is_class_conditional or pipe.is_text_conditional
+        if not self.skip_classifier and not unlabelled_prompts and conditional:
             started = time.perf_counter()
             classifier = self.classifier(size, channels)
             timings["classifier"] = time.perf_counter() - started
@@ -539,6 +611,18 @@ class Evaluator:
             )
         elif samples.labels is not None:
             notes.append("conditioning fidelity not measured (classifier skipped)")
+        elif unlabelled_prompts:
+            notes.append("conditioning fidelity not measured (the prompts name no classes)")
+
+        clip_score = None
+        if settings.clip_model is not None:
+            if samples.captions is None:
+                raise ValueError("a CLIP score needs a text-to-image model (its samples have no prompts)")
+            started = time.perf_counter()
+            scores = self.clip_scorer().scores(samples.images, samples.captions, settings.batch_size)
+            timings["clip_score"] = time.perf_counter() - started
+            clip_score = {"mean": float(scores.mean()), "std": float(scores.std()), "model": settings.clip_model,
+                          "convention": "100 * max(cos, 0), as torchmetrics' CLIPScore"}
 
         report: dict[str, Any] = {
             "model": model_name,
@@ -552,6 +636,7 @@ class Evaluator:
             "num_samples": int(samples.images.shape[0]),
             **metrics,
             "conditioning": conditioning,
+            "clip_score": clip_score,
             "reference": {"spec": settings.reference, "key": reference.key, **reference.description},
             "timings_s": timings,
             "notes": notes,
