@@ -102,6 +102,8 @@ def _no_network(url: str, destination: Path, timeout: float = 60.0) -> None:
 
 
 def test_fashion_mnist_absent_and_offline_says_how_to_install(tmp_path: Path, monkeypatch) -> None:
+    for name in fmnist.OFFLINE_VARIABLES:  # downloads allowed, but the network is down
+        monkeypatch.delenv(name, raising=False)
     calls: list[str] = []
 
     def failing(url: str, destination: Path, timeout: float = 60.0) -> None:
@@ -122,6 +124,8 @@ def test_fashion_mnist_absent_and_offline_says_how_to_install(tmp_path: Path, mo
 
 def test_fashion_mnist_downloads_missing_files_into_the_cache(tmp_path: Path, monkeypatch) -> None:
     # Pretend the Debian package is absent; the "download" copies the installed files (no network in tests).
+    for name in fmnist.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(fmnist, "DEBIAN_DIR", tmp_path / "not-installed")
     monkeypatch.setenv("MATRYOSHKA_CACHE", str(tmp_path / "cache"))
     fetched: list[str] = []
@@ -274,3 +278,12 @@ def test_image_folder_rejects_missing_or_empty_roots(tmp_path: Path) -> None:
         ImageFolderDataset(tmp_path / "nope", image_size=8)
     with pytest.raises(ValueError, match="no images found"):
         ImageFolderDataset(tmp_path, image_size=8)
+
+
+def test_fashion_mnist_never_downloads_when_offline(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(fmnist, "DEBIAN_DIR", tmp_path / "not-installed")
+    monkeypatch.setenv("MATRYOSHKA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MATRYOSHKA_OFFLINE", "1")
+    monkeypatch.setattr(fmnist, "download_file", lambda *a, **k: pytest.fail("downloaded while offline"))
+    with pytest.raises(DatasetNotFoundError, match="downloads are off"):
+        FashionMNIST("test")

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from matryoshka.commands.common import check_device, fail, set_aside
     from matryoshka.data import DataFaultError
     from matryoshka.training import load_train_config, train
-    from matryoshka.training.checkpoint import CheckpointWriteError
+    from matryoshka.training.checkpoint import RunWriteError
     from matryoshka.training.loop import NonFiniteLossError
     from matryoshka.typed_config import ConfigError
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"matryoshka train: invalid config {config_path}: {err}", file=sys.stderr)
         return 2
-    except (DataFaultError, NonFiniteLossError, CheckpointWriteError) as err:
+    except (DataFaultError, NonFiniteLossError, RunWriteError) as err:
         print(f"matryoshka train: stopped: {err}", file=sys.stderr)
         return 1
     except FileNotFoundError as err:  # a dataset, model directory or checkpoint that is not there

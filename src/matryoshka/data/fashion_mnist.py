@@ -2,7 +2,8 @@
 
 Files are read from the Debian package `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist), else
 from a cache directory (`$MATRYOSHKA_CACHE/fashion-mnist`, default ~/.cache/matryoshka/fashion-mnist),
-downloading the four IDX files from the canonical sources only when they are missing there.
+downloading the four IDX files from the canonical sources only when they are missing there, and never
+when MATRYOSHKA_OFFLINE=1 (or HF_HUB_OFFLINE=1) is set.
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ def download_file(url: str, destination: Path, timeout: float = 60.0) -> None:
     os.replace(tmp_path, destination)
 
 
+OFFLINE_VARIABLES = ("MATRYOSHKA_OFFLINE", "HF_HUB_OFFLINE")
+
+
+def offline() -> bool:
+    """Whether run-time downloads are off: MATRYOSHKA_OFFLINE or HF_HUB_OFFLINE set to 1/true/yes."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_VARIABLES)
+
+
 def _find(directory: Path, stem: str) -> Path | None:
     for name in (f"{stem}.gz", stem):
         if (directory / name).is_file():
@@ -109,6 +118,12 @@ def resolve_files(split: str, root: str | os.PathLike[str] | None = None, downlo
         if all(found):
             return found[0], found[1]  # type: ignore[return-value]
     target = candidates[-1]
+    if download and offline():
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST {split} files are not in {', '.join(map(str, candidates))}, and downloads are off "
+            f"({OFFLINE_VARIABLES[0]} or HF_HUB_OFFLINE is set). Install them with `{INSTALL_HINT}`, or unset it "
+            "to download them once into the cache."
+        )
     if not download:
         raise DatasetNotFoundError(
             f"Fashion-MNIST {split} files not found in {', '.join(map(str, candidates))} and download=False. "

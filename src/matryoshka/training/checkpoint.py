@@ -7,6 +7,10 @@ Layout of one checkpoint, `DIR/checkpoints/step-0001000/`:
     state.json             step, stage, data position, RNG states, EMA count, optimizer param groups,
                            the run's config, and the list of files above
 
+Damage after the write is found, not trusted: state.json records the size and SHA-256 of every file,
+and state.sha256 the SHA-256 of state.json; `find_intact` skips a checkpoint whose files no longer match
+(truncated, bytes flipped) for the newest one that does, and says which it skipped and why.
+
 A checkpoint is written into a hidden temporary directory, every file and the directory are fsynced,
 and only then is it renamed to its final name; the `latest` pointer file is replaced atomically
 last. A run killed at any moment therefore leaves either a complete checkpoint or a temporary
@@ -18,6 +22,7 @@ Nothing here unpickles: loading never executes code.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -34,11 +39,17 @@ from matryoshka.typed_config import atomic_write_text
 
 LATEST = "latest"
 STATE_FILE = "state.json"
+STATE_DIGEST_FILE = "state.sha256"
 _NAME = re.compile(r"^step-(\d{7,})$")
 _TEMP_PREFIX = ".tmp-"
 
 
-class CheckpointWriteError(OSError):
+class RunWriteError(OSError):
+    """Something a run writes (a checkpoint, the model export, the metrics log) could not be written (disk
+    full, permissions, ...); the message says what, why, and that the run can be resumed."""
+
+
+class CheckpointWriteError(RunWriteError):
     """A checkpoint could not be written (disk full, permissions, ...); the earlier ones are intact."""
 
 
@@ -75,6 +86,58 @@ def is_complete(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return all((path / name).is_file() for name in state.get("files", []))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damage(path: Path) -> str | None:
+    """Why a complete checkpoint is damaged (a file's size or checksum changed since it was written), or
+    None if it is intact. Checkpoints written before checksums were recorded are taken as intact."""
+    digest_file = path / STATE_DIGEST_FILE
+    if digest_file.is_file():
+        recorded = digest_file.read_text(encoding="utf-8").strip()
+        if _sha256(path / STATE_FILE) != recorded:
+            return f"{STATE_FILE} does not match its checksum"
+    try:
+        state = read_state(path)
+    except (OSError, ValueError) as error:
+        return f"{STATE_FILE} is unreadable ({error})"
+    for name, expected in (state.get("checksums") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{name} is {size} bytes, {expected['size']} when written (truncated?)"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its checksum (bytes changed since it was written)"
+    return None
+
+
+def find_intact(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint that is not damaged (the one `latest` names first), and the newer
+    ones skipped as damaged, each with the reason."""
+    root = Path(root)
+    candidates = list_checkpoints(root)[::-1]
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text(encoding="utf-8").strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    skipped = []
+    for candidate in candidates:
+        reason = damage(candidate)
+        if reason is None:
+            return candidate, skipped
+        skipped.append((candidate, reason))
+    return None, skipped
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -147,17 +210,20 @@ def _write_and_publish(
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir()
-    files = []
+    files, checksums = [], {}
     for stem, state_dict in tensors.items():
         path = temporary / f"{stem}.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(path))
         _fsync_path(path)
         files.append(path.name)
-    state = {**state, "files": files}
+        checksums[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    state = {**state, "files": files, "checksums": checksums}
     with open(temporary / STATE_FILE, "w", encoding="utf-8") as handle:
         json.dump(state, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
+    (temporary / STATE_DIGEST_FILE).write_text(_sha256(temporary / STATE_FILE) + "\n", encoding="utf-8")
+    _fsync_path(temporary / STATE_DIGEST_FILE)
     _fsync_path(temporary)
 
     final = root / name
@@ -279,8 +345,11 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 __all__ = [
     "LATEST",
     "CheckpointWriteError",
+    "RunWriteError",
     "capture_rng_state",
     "checkpoint_name",
+    "damage",
+    "find_intact",
     "find_latest",
     "is_complete",
     "join_optimizer_state",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,9 @@ from matryoshka.model_dir import MDMConfig, save_model_dir
 from matryoshka.models import NestedUNet
 from matryoshka.training import distributed
 from matryoshka.training.checkpoint import (
+    RunWriteError,
     capture_rng_state,
-    find_latest,
+    find_intact,
     join_optimizer_state,
     read_state,
     read_tensors,
@@ -88,7 +90,7 @@ def train(
     try:
         # ---------------------------------------------------------------- where the run starts
         checkpoints = out_dir / "checkpoints"
-        start = find_latest(checkpoints) if resume else None
+        start, damaged = find_intact(checkpoints) if resume else (None, [])
         saved = read_state(start) if start is not None else None
         if saved is not None:
             check_resumable(config, saved)
@@ -133,6 +135,11 @@ def train(
             config.optim.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
         sharded = config.distributed == "fsdp" and runtime.distributed
+        if damaged and runtime.is_main:  # said even under --quiet: the run goes back in time
+            for path, reason in damaged:
+                print(f"warning: skipped the damaged checkpoint {path} ({reason})", file=sys.stderr)
+            fallback = start.name if start else "none: starting from scratch"
+            print(f"warning: resuming from the newest intact checkpoint: {fallback}", file=sys.stderr)
         monitor.message(
             f"training on {device} x {runtime.world_size} process(es), {'bf16' if use_bf16 else 'fp32'}, "
             f"steps {step}..{last_step} of {bounds[-1]}" + (f", resumed from {start}" if start else "")
@@ -499,7 +506,14 @@ def export_model(
             f"global step {step}, levels {mdm.model.sizes} px (EMA weights).\n"
         )
         for directory in (out_dir / "stages" / f"stage-{stage_index + 1}", target):
-            save_model_dir(directory, plain, mdm, card)
+            try:
+                save_model_dir(directory, plain, mdm, card)
+            except OSError as error:
+                raise RunWriteError(
+                    error.errno, f"could not write the model directory {directory} (step {step}): "
+                    f"{error.strerror or error}; the checkpoint of step {step} is intact: fix the cause (e.g. free "
+                    "some space), then continue with --resume, which exports the model again",
+                ) from error
     distributed.barrier(runtime)
     return target
 

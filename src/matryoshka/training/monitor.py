@@ -45,8 +45,16 @@ class RunMonitor:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
             self.writer.flush()
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": step, **values, **(extra or {})}) + "\n")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": step, **values, **(extra or {})}) + "\n")
+        except OSError as error:
+            from matryoshka.training.checkpoint import RunWriteError
+
+            raise RunWriteError(
+                error.errno, f"could not append step {step} to {self.metrics_path}: {error.strerror or error}; the "
+                "checkpoints are intact: fix the cause (e.g. free some space), then continue with --resume",
+            ) from error
 
     def image(self, tag: str, image, step: int) -> None:
         """A PIL image to TensorBoard (the preview grids)."""
