@@ -168,3 +168,38 @@ def test_quickstart_trains_samples_and_says_what_it_wrote(tmp_path, capsys):
         assert grid.height > 10 * 16  # ten labelled rows
     assert cli.main(["quickstart", "--out", str(out), "--max-steps", "2"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_a_model_directory_recommends_its_sampling_settings(class_model, tmp_path):
+    from matryoshka.model_dir import load_model_dir, save_model_dir
+    from matryoshka.pipeline import MatryoshkaPipeline
+
+    model, config = load_model_dir(class_model)
+    config.sampling.num_inference_steps, config.sampling.guidance_scale = 3, 1.0
+    pipe = MatryoshkaPipeline.from_pretrained(save_model_dir(tmp_path / "m", model, config))
+    out = pipe(class_labels=[1, 2], generator=0, progress=False)
+    assert out.evaluations["network_rows"] == 3 * 2  # 3 steps, unguided: one row per sample
+    told = pipe(class_labels=[1, 2], generator=0, progress=False, num_inference_steps=2, guidance_scale=4.0)
+    assert told.evaluations["network_rows"] == 2 * 2 * 2
+    embedded = MatryoshkaPipeline.from_pretrained(Path(cli.__file__).parent / "assets" / "fashion-t2i")
+    assert embedded.config.sampling.guidance_scale == 3.0  # its card's recommendation
+
+
+def test_quiet_silences_the_libraries_too(tmp_path, capsys):
+    from matryoshka.conditioning.testing import make_tiny_t5
+    from matryoshka.diffusion import DiffusionConfig
+    from matryoshka.model_dir import MDMConfig, save_model_dir
+    from matryoshka.models import LevelConfig, ModelConfig, NestedUNet
+
+    t5 = make_tiny_t5(tmp_path / "t5")
+    levels = [LevelConfig(channels=[8, 8], num_res_blocks=[1, 1], norm_groups=4, temb_dim=32),
+              LevelConfig(channels=[8, 16], num_res_blocks=[1, 1], attention_layers=[0, 1], num_heads=2,
+                          norm_groups=4, temb_dim=32)]
+    config = MDMConfig(model=ModelConfig(levels=levels, image_size=16, in_channels=1, text_dim=32),
+                       diffusion=DiffusionConfig(), text_encoder=f"t5:{t5}")
+    directory = save_model_dir(tmp_path / "model", NestedUNet(config.model), config)
+    capsys.readouterr()
+    assert cli.main(["generate", "a red cat", "--model", str(directory), "--steps", "2", "--quiet",
+                     "--out", str(tmp_path / "x.png")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
