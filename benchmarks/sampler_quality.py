@@ -7,7 +7,7 @@ reference that integrates the same probability-flow ODE from the same t_0 and th
 steps: DPM-Solver++(2M) with --reference-steps steps (default 250). A 250-step DDIM(eta = 0) reference
 is computed too and its distance to the DPM-Solver++ one is printed: it bounds how accurate the
 reference itself is (on a Gaussian problem with a closed-form flow, 250-step DDIM is off by ~3e-3 and
-250-step DPM-Solver++ by ~1e-5, see tests/test_solvers.py; on a learned model, which is smooth in t only
+250-step DPM-Solver++ by ~1e-5, see tests/test_schedulers.py; on a learned model, which is smooth in t only
 down to about one time index, many-step solvers agree to ~0.005, see BENCHMARKS.md). ddpm is
 stochastic: its distance is to the ODE solution, i.e. how far an ancestral sample lands from the
 deterministic one, not an error.
@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 
 from matryoshka import pyramid as pyr
-from matryoshka import solvers
+from matryoshka import sampling
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.guidance import classifier_free_guidance
 from matryoshka.schedule import spaced_timesteps
+from matryoshka.schedulers import available_schedulers, make_scheduler
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "src" / "matryoshka" / "assets" / "fashion-t2i"
 
@@ -163,7 +164,7 @@ def main() -> None:
     parser.add_argument("--save-model", type=Path, default=Path("runs/sampler-bench-model"))
     parser.add_argument("--samples", type=int, default=16, help="samples per run (one batch)")
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 50])
-    parser.add_argument("--methods", nargs="+", default=list(solvers.METHODS), choices=solvers.METHODS)
+    parser.add_argument("--methods", nargs="+", default=available_schedulers(), choices=available_schedulers())
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--reference-steps", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=1,
@@ -195,8 +196,13 @@ def main() -> None:
         torch.randn((args.samples, config.model.in_channels, size, size), generator=generator, device=device)
         for size in config.model.sizes
     ]
-    options = dict(prediction=config.diffusion.prediction, threshold_kind=config.diffusion.threshold)
+    options = dict(prediction=config.diffusion.prediction, threshold=config.diffusion.threshold)
     T = schedule.num_train_steps
+
+    def run_sampler(denoiser, noise, schedule, timesteps, method, generator=None, **options):
+        scheduler = make_scheduler(method)
+        scheduler.set_timesteps(None, schedule, timesteps=timesteps, **options)
+        return sampling.sample(denoiser, noise, scheduler, generator=generator)
 
     references: dict[int, list[torch.Tensor]] = {}
     reference_notes = []
@@ -205,10 +211,10 @@ def main() -> None:
         if start in references:
             continue
         grid = torch.linspace(start, 0, args.reference_steps + 1).round().long().unique_consecutive()
-        references[start] = solvers.run_sampler(denoiser, noise, schedule, grid, method="dpmpp_2m", **options)
+        references[start] = run_sampler(denoiser, noise, schedule, grid, "dpmpp_2m", **options)
         if reference_notes:  # the DDIM cross-check once (at the smallest K's start) is enough
             continue
-        ddim = solvers.run_sampler(denoiser, noise, schedule, grid, method="ddim", **options)
+        ddim = run_sampler(denoiser, noise, schedule, grid, "ddim", **options)
         reference_notes.append(
             f"t0 = {start}: {args.reference_steps}-step DDIM vs {args.reference_steps}-step DPM-Solver++ reference: "
             f"top RMSE {rmse(ddim[0], references[start][0]):.4f}"
@@ -225,8 +231,8 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 begin = time.perf_counter()
-                out = solvers.run_sampler(
-                    counted, noise, schedule, timesteps, method=method,
+                out = run_sampler(
+                    counted, noise, schedule, timesteps, method,
                     generator=torch.Generator(device=device).manual_seed(args.seed + 1), **options,
                 )
                 if device.type == "cuda":

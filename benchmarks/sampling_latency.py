@@ -56,6 +56,7 @@ from matryoshka import sampling  # noqa: E402
 from matryoshka.diffusion import PyramidSchedule  # noqa: E402
 from matryoshka.guidance import classifier_free_guidance  # noqa: E402
 from matryoshka.schedule import spaced_timesteps  # noqa: E402
+from matryoshka.schedulers import DDIMScheduler  # noqa: E402
 
 MODELS = ("tiny", "tiny_t2i", "official64", "official256")
 GUIDANCE = 7.5
@@ -145,7 +146,9 @@ def measure_model(name: str, args: argparse.Namespace, device: torch.device) -> 
         start_noise = noise_cl if key else noise
 
         def run(denoise=denoise, start_noise=start_noise) -> None:
-            sampling.sample(denoise, start_noise, schedule, timesteps, prediction=workload.diffusion.prediction)
+            scheduler = DDIMScheduler()
+            scheduler.set_timesteps(None, schedule, timesteps=timesteps, prediction=workload.diffusion.prediction)
+            sampling.sample(denoise, start_noise, scheduler)
 
         print(f"  {workload.name}: first call of {path.label} ...", file=sys.stderr, flush=True)
         with quiet_compile_logs():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from matryoshka import sampling
+from helpers import run_sampler
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.guidance import GuidanceInterval, GuidedDenoiser, parse_intervals
 from matryoshka.model_dir import MDMConfig
@@ -28,7 +28,7 @@ def labelled_model(pyramid, t, labels=None):
 def run(denoiser, steps: int = 8):
     g = torch.Generator().manual_seed(0)
     noise = [torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 4, 4, generator=g)]
-    return sampling.sample(denoiser, noise, SCHEDULE, spaced_timesteps(1000, steps))
+    return run_sampler(denoiser, noise, SCHEDULE, spaced_timesteps(1000, steps))
 
 
 COND, UNCOND = {"labels": torch.tensor([1, 2, 3])}, {"labels": torch.full((3,), 10)}

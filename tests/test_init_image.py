@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import METHODS, run_sampler
 from matryoshka import pyramid as pyr
-from matryoshka import sampling, solvers
+from matryoshka import sampling
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.guidance import classifier_free_guidance
 from matryoshka.models import LevelConfig, ModelConfig, NestedUNet
@@ -64,7 +65,7 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).pow(2).mean().sqrt().item()
 
 
-@pytest.mark.parametrize("method", solvers.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_low_level_is_the_given_image_and_the_top_level_follows_it(schedule, method):
     """With an exact joint denoiser, conditioning pulls avg-pool(top) to the given base image.
 
@@ -79,9 +80,9 @@ def test_low_level_is_the_given_image_and_the_top_level_follows_it(schedule, met
     denoiser = nested_gaussian_denoiser(schedule)
     steps = spaced_timesteps(1000, 20)
     hook = sampling.condition_on_levels({1: image}, schedule, torch.Generator().manual_seed(1))
-    conditioned = solvers.run_sampler(denoiser, noise, schedule, steps, method=method, replace_levels=hook,
+    conditioned = run_sampler(denoiser, noise, schedule, steps, method=method, replace_levels=hook,
                                       generator=torch.Generator().manual_seed(2))
-    free = solvers.run_sampler(denoiser, noise, schedule, steps, method=method,
+    free = run_sampler(denoiser, noise, schedule, steps, method=method,
                                generator=torch.Generator().manual_seed(2))
     assert torch.equal(conditioned[1], image)
     pooled_error = rmse(F.avg_pool2d(conditioned[0], 2), image)
@@ -102,7 +103,7 @@ def test_random_model_sees_the_image_noised_to_every_step_time_and_returns_it(sc
     noise = [torch.randn(2, 1, 16, 16), torch.randn(2, 1, 8, 8)]
     steps = spaced_timesteps(1000, 3)
     hook = sampling.condition_on_levels({1: image}, schedule, torch.Generator().manual_seed(7))
-    out = solvers.run_sampler(recording, noise, schedule, steps, method="ddim", replace_levels=hook)
+    out = run_sampler(recording, noise, schedule, steps, method="ddim", replace_levels=hook)
     assert torch.equal(out[1], image.expand(2, -1, -1, -1))
     # The network saw the image noised to each step's start time, with fresh noise from the generator.
     replay = torch.Generator().manual_seed(7)
@@ -112,7 +113,7 @@ def test_random_model_sees_the_image_noised_to_every_step_time_and_returns_it(sc
         torch.testing.assert_close(seen, pyr.add_noise(image.expand(2, -1, -1, -1), z, gammas[t].float()))
     # A random network gives no meaningful top level, but the top level does depend on the image.
     other = sampling.condition_on_levels({1: -image}, schedule, torch.Generator().manual_seed(7))
-    flipped = solvers.run_sampler(model, noise, schedule, steps, method="ddim", replace_levels=other)
+    flipped = run_sampler(model, noise, schedule, steps, method="ddim", replace_levels=other)
     assert not torch.allclose(out[0], flipped[0])
 
 
@@ -122,7 +123,7 @@ def test_random_model_returns_the_given_image_for_other_samplers(schedule, metho
     images = torch.rand(2, 1, 8, 8) * 2 - 1  # one image per sample
     noise = [torch.randn(2, 1, 16, 16), torch.randn(2, 1, 8, 8)]
     hook = sampling.condition_on_levels({1: images}, schedule, torch.Generator().manual_seed(0))
-    out = solvers.run_sampler(model, noise, schedule, spaced_timesteps(1000, 2), method=method, replace_levels=hook,
+    out = run_sampler(model, noise, schedule, spaced_timesteps(1000, 2), method=method, replace_levels=hook,
                               generator=torch.Generator().manual_seed(1))
     assert torch.equal(out[1], images)
     assert out[0].shape == (2, 1, 16, 16) and out[0].abs().max() <= 1
@@ -145,7 +146,7 @@ def test_fractional_times_and_signal_scales(schedule):
         targets = scaled.scale_signal(clean)
         return [pyr.from_x0(x, c, torch.tensor(g), "v") for x, c, g in zip(x_t, targets, gammas, strict=True)]
 
-    out = solvers.solve(oracle, noise, scaled, torch.tensor([700.5, 350.25, 0.0], dtype=torch.float64),
+    out = run_sampler(oracle, noise, scaled, torch.tensor([700.5, 350.25, 0.0], dtype=torch.float64),
                         method="heun", replace_levels=hook)
     torch.testing.assert_close(out[0], top)
     torch.testing.assert_close(out[1], clean[1], atol=1e-5, rtol=0)
@@ -190,7 +191,7 @@ def test_per_level_guidance_scales_reach_each_level():
     for scales in ([1.0, 4.0], [1.0, 1.0], [4.0, 1.0]):
         guided_denoiser = classifier_free_guidance(model, {"labels": labels}, {"labels": null}, scales)
         states = []
-        solvers.run_sampler(guided_denoiser, pyramid, PyramidSchedule.from_config(DiffusionConfig(), config.scales),
+        run_sampler(guided_denoiser, pyramid, PyramidSchedule.from_config(DiffusionConfig(), config.scales),
                             torch.tensor([500, 250]), method="dpmpp_2m", callback=states.append)
         seen.append(states[0].x0)
     # (scale 1 on a level computes u + 1 (c - u) in the batched path: equal to c up to rounding)

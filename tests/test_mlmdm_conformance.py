@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import run_sampler
 from matryoshka import losses, sampling
 from matryoshka import pyramid as pyr
 from matryoshka.diffusion import PyramidSchedule
@@ -130,7 +131,7 @@ def test_sampler_trajectory(fixture):
                     torch.testing.assert_close(ours, tensors[key], atol=TENSOR_ATOL, rtol=0, msg=key)
                     checked.append(key)
 
-    sampling.sample(
+    run_sampler(
         denoiser, noise, schedule, timesteps, method="ddim", eta=eta,
         prediction=diffusion_config.prediction, threshold_kind=diffusion_config.threshold, callback=check,
     )

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from matryoshka import sampling
+from helpers import run_sampler
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.guidance import classifier_free_guidance
 from matryoshka.models import NestedUNet
@@ -379,7 +379,7 @@ def test_cuda_guided_sampling_loop_never_waits_for_the_gpu():
     timesteps = spaced_timesteps(1000, 5)
 
     def run():
-        return sampling.sample(denoiser, noise, schedule, timesteps, method="ddpm", generator=generator)
+        return run_sampler(denoiser, noise, schedule, timesteps, method="ddpm", generator=generator)
 
     run()  # first use: the schedule's table is copied to the GPU once, kernels load
     assert _count_syncs(run) == 0

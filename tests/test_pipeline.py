@@ -15,7 +15,7 @@ from matryoshka.conditioning.testing import make_tiny_t5
 from matryoshka.diffusion import DiffusionConfig
 from matryoshka.model_dir import MDMConfig, save_model_dir
 from matryoshka.models import LevelConfig, ModelConfig, NestedUNet
-from matryoshka.pipeline import MatryoshkaPipeline, available_samplers, get_sampler, register_sampler
+from matryoshka.pipeline import MatryoshkaPipeline, available_samplers
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ml-mdm" / "nested_tiny"
 if not FIXTURE.is_dir():
@@ -150,26 +150,28 @@ def test_callback_sees_every_step(text_pipe):
     assert seen == [(i, 2) for i in range(STEPS)]
 
 
-def test_sampler_registry_is_the_extension_point(text_pipe):
+def test_scheduler_registry_is_the_extension_point(text_pipe):
+    from matryoshka import schedulers
+
     assert {"ddim", "ddpm"} <= set(available_samplers())
     calls = []
-    ddim = get_sampler("ddim")
 
-    def recording(denoiser, noise, schedule, timesteps, **options):
-        calls.append(timesteps.tolist())
-        return ddim(denoiser, noise, schedule, timesteps, **options)
+    class Recording(schedulers.DDIMScheduler):
+        name = "test-recording"
 
-    register_sampler("test-recording", recording)
+        def set_timesteps(self, *args, **kwargs):
+            super().set_timesteps(*args, **kwargs)
+            calls.append(list(self.times))
+
+    schedulers.register_scheduler("test-recording", Recording)
     try:
         out = generate(text_pipe, sampler="test-recording")
         assert torch.equal(out.tensors[0], generate(text_pipe).tensors[0])
         assert calls and calls[0][0] > calls[0][-1] == 0 and len(calls[0]) == STEPS + 1
         with pytest.raises(ValueError, match="already registered"):
-            register_sampler("test-recording", recording)
+            schedulers.register_scheduler("test-recording", Recording)
     finally:
-        from matryoshka import pipeline
-
-        pipeline._SAMPLERS.pop("test-recording")
+        schedulers.SCHEDULERS.pop("test-recording")
     with pytest.raises(ValueError, match="unknown sampler 'euler-nope'"):
         generate(text_pipe, sampler="euler-nope")
 

@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
+from helpers import run_sampler
 from matryoshka import pyramid as pyr
-from matryoshka import sampling, solvers
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.losses import multi_resolution_loss
 from matryoshka.schedule import flow_time, rectified_flow, shift, spaced_timesteps
@@ -209,7 +209,7 @@ def test_samplers_take_the_exact_flow_to_the_data_distribution(method: str):
     noise = [torch.randn(2000, 1, 4, 4, generator=g), torch.randn(2000, 1, 2, 2, generator=g)]
     # First-order methods need more steps for 2% on the spread: the Gaussian's flow path bends near t = s^2.
     timesteps = spaced_timesteps(1000, {"ddim": 200, "euler": 200, "heun": 25, "dpmpp_2m": 50}[method])
-    out = solvers.run_sampler(model, noise, schedule, timesteps, method=method, prediction="flow",
+    out = run_sampler(model, noise, schedule, timesteps, method=method, prediction="flow",
                               threshold_kind="none")
     for r, x in enumerate(out):
         assert abs(x.mean().item() - MEAN) < 0.01
@@ -225,7 +225,7 @@ def test_flow_euler_in_flow_time_is_ddim():
     x_t = [torch.randn(8, 1, 4, 4, generator=g), torch.randn(8, 1, 2, 2, generator=g)]
     t_index, s_index = 700, 600
     gam_t, gam_s = schedule.at(torch.tensor([t_index])), schedule.at(torch.tensor([s_index]))
-    ddim = sampling.sample(model, x_t, schedule, torch.tensor([t_index, s_index]), prediction="flow",
+    ddim = run_sampler(model, x_t, schedule, torch.tensor([t_index, s_index]), prediction="flow",
                            threshold_kind="none")
     velocity = model([pyr.model_input(x, gm, "flow") for x, gm in zip(x_t, gam_t, strict=True)],
                      torch.tensor([t_index - 1] * 8))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import run_sampler
 from matryoshka import pyramid as pyr
-from matryoshka import sampling
+from matryoshka import schedulers
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.guidance import classifier_free_guidance
 from matryoshka.schedule import spaced_timesteps
@@ -31,7 +32,7 @@ def test_samplers_recover_the_oracle_target(method, eta):
     schedule = PyramidSchedule.from_config(DiffusionConfig(), [2, 1])
     clean = pyr.build_pyramid(torch.rand(2, 1, 8, 8) * 1.6 - 0.8, [2, 1])
     noise = pyr.sample_noise(clean, torch.Generator().manual_seed(0))
-    out = sampling.sample(
+    out = run_sampler(
         _oracle(clean, schedule), noise, schedule, spaced_timesteps(1000, 10), method=method, eta=eta,
         generator=torch.Generator().manual_seed(1),
     )
@@ -43,30 +44,30 @@ def test_ddim_eta_zero_is_deterministic_and_eta_one_matches_ddpm_variance():
     x_t, x0 = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
     g, g_s = torch.full((3,), 0.3), torch.full((3,), 0.6)
     z = torch.randn(3, 2, 4, 4)
-    a = sampling.ddim_step(x_t, x0, g, g_s, 1.0, z)
-    b = sampling.ddpm_step(x_t, x0, g, g_s, z)
+    a = schedulers.ddim_step(x_t, x0, g, g_s, 1.0, z)
+    b = schedulers.ddpm_step(x_t, x0, g, g_s, z)
     # DDIM(eta=1) and ancestral DDPM have the same marginal: same noise coefficient.
     beta_tilde = (1 - 0.3 / 0.6) * (1 - 0.6) / (1 - 0.3)
-    assert torch.allclose(a - sampling.ddim_step(x_t, x0, g, g_s, 1.0, None), beta_tilde**0.5 * z, atol=1e-6)
-    assert torch.allclose(b - sampling.ddpm_step(x_t, x0, g, g_s, None), beta_tilde**0.5 * z, atol=1e-6)
+    assert torch.allclose(a - schedulers.ddim_step(x_t, x0, g, g_s, 1.0, None), beta_tilde**0.5 * z, atol=1e-6)
+    assert torch.allclose(b - schedulers.ddpm_step(x_t, x0, g, g_s, None), beta_tilde**0.5 * z, atol=1e-6)
     # eta = 0: x_s = sqrt(g_s) x0 + sqrt(1 - g_s) eps with the eps implied by x_t.
     eps = (x_t - 0.3**0.5 * x0) / 0.7**0.5
-    assert torch.allclose(sampling.ddim_step(x_t, x0, g, g_s, 0.0, z), 0.6**0.5 * x0 + 0.4**0.5 * eps, atol=1e-6)
+    assert torch.allclose(schedulers.ddim_step(x_t, x0, g, g_s, 0.0, z), 0.6**0.5 * x0 + 0.4**0.5 * eps, atol=1e-6)
 
 
 def test_thresholds():
     x = torch.linspace(-3, 3, 2 * 100).reshape(2, 1, 10, 10)
-    assert sampling.threshold(x, "clip").abs().max() == 1
-    assert torch.equal(sampling.threshold(x, "none"), x)
-    dyn = sampling.threshold(x, "dynamic")
+    assert schedulers.threshold(x, "clip").abs().max() == 1
+    assert torch.equal(schedulers.threshold(x, "none"), x)
+    dyn = schedulers.threshold(x, "dynamic")
     assert dyn.abs().max() <= 1 + 1e-6 and not torch.allclose(dyn, x.clip(-1, 1))
-    dyn_if = sampling.threshold(x, "dynamic_if")
+    dyn_if = schedulers.threshold(x, "dynamic_if")
     s = torch.quantile(x[0].abs().flatten(), 0.95).clamp(max=1.5)
     assert torch.allclose(dyn_if[0], x[0].clamp(-s, s) / s)
     small = torch.full((1, 1, 2, 2), 0.5)
-    assert torch.equal(sampling.threshold(small, "dynamic"), small)  # s is at least 1
+    assert torch.equal(schedulers.threshold(small, "dynamic"), small)  # s is at least 1
     with pytest.raises(ValueError, match="unknown threshold"):
-        sampling.threshold(x, "bogus")
+        schedulers.threshold(x, "bogus")
 
 
 def test_guidance_runs_both_branches_in_one_batch_and_combines_per_level():
@@ -99,10 +100,10 @@ def test_callback_sees_every_step_and_seeds_reproduce():
     seen = []
     noise = [torch.randn(1, 1, 8, 8), torch.randn(1, 1, 4, 4)]
     steps = spaced_timesteps(1000, 6)
-    a = sampling.sample(denoiser, noise, schedule, steps, method="ddpm", generator=torch.Generator().manual_seed(3),
+    a = run_sampler(denoiser, noise, schedule, steps, method="ddpm", generator=torch.Generator().manual_seed(3),
                         callback=seen.append)
-    b = sampling.sample(denoiser, noise, schedule, steps, method="ddpm", generator=torch.Generator().manual_seed(3))
-    c = sampling.sample(denoiser, noise, schedule, steps, method="ddpm", generator=torch.Generator().manual_seed(4))
+    b = run_sampler(denoiser, noise, schedule, steps, method="ddpm", generator=torch.Generator().manual_seed(3))
+    c = run_sampler(denoiser, noise, schedule, steps, method="ddpm", generator=torch.Generator().manual_seed(4))
     assert [s.index for s in seen] == list(range(6)) and seen[-1].s == 0
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])

@@ -14,7 +14,7 @@ from matryoshka.model_dir import MDMConfig, load_model_dir, save_model_dir
 from matryoshka.models import NestedUNet
 from matryoshka.training import diffusion_loss, initial_models, train
 from matryoshka.training.config import TrainConfig
-from matryoshka.training.loop import level_shapes_of, one_frame_each
+from matryoshka.training.loop import one_frame_each
 from matryoshka.training.testing import tiny_config
 from matryoshka.typed_config import ConfigError, from_dict
 from matryoshka.video import image_counterpart, read_video
@@ -68,8 +68,8 @@ def test_progressive_video_training_from_an_image_like_base(tmp_path):
 def test_video_batches_become_video_pyramids():
     config = tiny_config(VIDEO)
     mdm = config.mdm
-    assert level_shapes_of(mdm) == [(1, 4, 32, 32), (1, 2, 16, 16)]
-    assert level_shapes_of(mdm, images=True) == [(1, 32, 32), (1, 16, 16)]
+    assert mdm.model.level_shapes() == [(1, 4, 32, 32), (1, 2, 16, 16)]
+    assert mdm.model.level_shapes(images=True) == [(1, 32, 32), (1, 16, 16)]
     clips = torch.arange(3 * 4, dtype=torch.float32).reshape(3, 1, 4, 1, 1).expand(3, 1, 4, 2, 2)
     frames = one_frame_each(clips, first_sample=5)  # samples 5, 6, 7 -> frames 1, 2, 3
     assert frames.shape == (3, 1, 2, 2) and frames[:, 0, 0, 0].tolist() == [1.0, 6.0, 11.0]
@@ -79,7 +79,7 @@ def test_video_batches_become_video_pyramids():
     schedule = PyramidSchedule.from_config(diffusion, mdm.model.scales)
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append([tuple(x.shape) for x in args[0]]))
-    noise = [torch.randn(2, *shape) for shape in level_shapes_of(mdm)]
+    noise = [torch.randn(2, *shape) for shape in mdm.model.level_shapes()]
     loss = diffusion_loss(model, torch.randn(2, 1, 4, 32, 32), mdm.model.scales, torch.tensor([3, 500]), noise,
                           {}, schedule, diffusion, time_scales=mdm.model.time_scales)
     assert seen == [[(2, 1, 4, 32, 32), (2, 1, 2, 16, 16)]] and loss.total.shape == (2,)

@@ -292,7 +292,7 @@ def generate_request(
         scales = pipe.schedule.signal_scales
 
         def callback(state) -> None:
-            on_step(state.index + 1, request.steps, _to_unit_range(state.x0, scales))
+            on_step(state.index + 1, state.total, _to_unit_range(state.x0, scales))  # network calls
 
     with pipeline_lock(pipe):
         started = time.perf_counter()

@@ -29,12 +29,14 @@ class SamplingDefaults:
 
     num_inference_steps: int = 50
     guidance_scale: float | list[float] = 7.5
-    sampler: str = "ddim"
+    sampler: str = "ddim"  # a scheduler shorthand (matryoshka.schedulers)
+    eta: float = 0.0  # the scheduler's eta (ddim)
 
     def validate(self) -> None:
         require(self.num_inference_steps >= 1, "num_inference_steps", "must be >= 1")
         scales = self.guidance_scale if isinstance(self.guidance_scale, list) else [self.guidance_scale]
         require(all(w >= 0 for w in scales), "guidance_scale", "must be >= 0")
+        require(self.eta >= 0, "eta", "must be >= 0")
 
 
 @dataclass

@@ -1,124 +1,123 @@
-"""`MatryoshkaPipeline`: a trained nested model + its text encoder, from prompts to PIL images.
+"""`MatryoshkaPipeline`: a trained nested model + its text encoder, from prompts to images, the way
+diffusers' pipelines work.
 
-    pipe = MatryoshkaPipeline.from_pretrained("runs/fashion/model")        # our model directory
-    out = pipe("a photo of a sneaker", num_inference_steps=50, guidance_scale=7.5, generator=0)
-    out.images[0].save("sneaker.png")
+    pipe = MatryoshkaPipeline.from_pretrained("fashion-t2i")                 # the bundled model, by name
+    pipe = MatryoshkaPipeline.from_pretrained("runs/fashion/model")          # a model directory
+    pipe = MatryoshkaPipeline.from_pretrained("user/repo", revision="main")  # a hub repository
+    image = pipe("a photo of a sneaker", num_inference_steps=50, guidance_scale=3.0, generator=0).images[0]
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)   # swap the sampler
 
     pipe = MatryoshkaPipeline.from_official("vis_model.pth", "config.yaml", text_encoder="t5:google/flan-t5-xl")
 
 Sampling follows REFERENCE.md section 4: independent N(0, I) noise at every level, the official step
-spacing, classifier-free guidance with both branches in one batched forward (the unconditional branch
-is the negative prompt, "" by default, or the null class label). Samplers are looked up by name in a
-registry (`register_sampler`), so a new one (DPM-Solver++, Euler, ...) plugs in without changing the
-pipeline's signature.
+spacing, classifier-free guidance with both branches in one batched forward (the unconditional branch is
+the negative prompt, "" by default, or the null class label), one reverse-process loop
+(`matryoshka.sampling.sample`) driven by a scheduler object (`matryoshka.schedulers`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
-from matryoshka import sampling, solvers
+from matryoshka import sampling
 from matryoshka.conditioning import TextEmbedding, TextEncoder, load_text_encoder, pad_embeddings
 from matryoshka.data import convert_channels, make_grid, pil_to_tensor, resize_center_crop, tensor_to_pil
 from matryoshka.diffusion import PyramidSchedule
 from matryoshka.guidance import GuidanceInterval, classifier_free_guidance
-from matryoshka.model_dir import MDMConfig, load_model_dir, save_model_dir
+from matryoshka.model_dir import CONFIG_NAME, WEIGHTS_NAME, MDMConfig, load_model_dir, save_model_dir
 from matryoshka.models import NestedUNet
-from matryoshka.pyramid import level_shapes
-from matryoshka.schedule import spaced_timesteps
+from matryoshka.schedulers import Scheduler, SchedulerConfig, available_schedulers, make_scheduler, randn
 
 ClassLabel = int | str
-
-
-class SamplerFunction(Protocol):
-    """What a registered sampler is: noise pyramid in, clean pyramid (in [-1, 1]) out.
-
-    denoiser(pyramid, t_model) -> predictions is already guided; timesteps are descending int64 times
-    (the network receives t - 1), by default the official spacing for `num_inference_steps`.
-    """
-
-    def __call__(
-        self,
-        denoiser: sampling.Denoiser,
-        noise: list[torch.Tensor],
-        schedule: PyramidSchedule,
-        timesteps: torch.Tensor,
-        *,
-        eta: float,
-        prediction: str,
-        threshold_kind: str,
-        generator: torch.Generator | None,
-        callback: sampling.StepCallback | None,
-        progress: bool,
-    ) -> list[torch.Tensor]: ...
-
-
-_SAMPLERS: dict[str, SamplerFunction] = {}
-
-
-def register_sampler(name: str, function: SamplerFunction, *, replace_existing: bool = False) -> None:
-    """Makes `pipe(..., sampler=name)` (and `matryoshka generate --sampler name`) run `function`."""
-    if name in _SAMPLERS and not replace_existing:
-        raise ValueError(f"a sampler named {name!r} is already registered (pass replace_existing=True)")
-    _SAMPLERS[name] = function
+BUNDLED_DIR = Path(__file__).resolve().parent / "assets"
+OUTPUT_TYPES = ("pil", "pt", "np")
 
 
 def available_samplers() -> list[str]:
-    return sorted(_SAMPLERS)
+    """The scheduler shorthands `pipe(..., sampler=name)` and `--sampler` accept."""
+    return available_schedulers()
 
 
-def get_sampler(name: str) -> SamplerFunction:
-    if name not in _SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(available_samplers())}")
-    return _SAMPLERS[name]
+def bundled_models() -> list[str]:
+    """Names of the models that ship inside the package ("fashion-t2i", ...)."""
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / CONFIG_NAME).is_file()) if BUNDLED_DIR.is_dir() else []
 
 
-def _core_sampler(method: str) -> SamplerFunction:
-    def run(denoiser, noise, schedule, timesteps, **options) -> list[torch.Tensor]:
-        return sampling.sample(denoiser, noise, schedule, timesteps, method=method, **options)
-
-    return run
-
-
-register_sampler("ddim", _core_sampler("ddim"))
-register_sampler("ddpm", _core_sampler("ddpm"))
-register_sampler("dpmpp_2m", solvers.sampler("dpmpp_2m"))  # ODE solvers (solvers.py)
-register_sampler("euler", solvers.sampler("euler"))
-register_sampler("heun", solvers.sampler("heun"))
+def resolve_pretrained(
+    name_or_path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """The local directory of a model: a directory as given, a bundled model by name, or a hub repository
+    id downloaded (or found in the cache) by huggingface_hub, which honours HF_HUB_OFFLINE."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{path} is not a model directory: {CONFIG_NAME} is missing")
+        return path
+    if str(name_or_path) in bundled_models():
+        return BUNDLED_DIR / str(name_or_path)
+    name = str(name_or_path)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        known = ", ".join(bundled_models()) or "none"
+        raise FileNotFoundError(
+            f"{name!r} is not a model directory, a bundled model ({known}) or a hub repository id (user/name)"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as error:  # a dependency of transformers, the "text" extra
+        raise ImportError("loading from the hub needs huggingface_hub", name="huggingface_hub") from error
+    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        directory = snapshot_download(
+            name, revision=revision, cache_dir=None if cache_dir is None else str(cache_dir),
+            local_files_only=offline, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*.md", "*.yaml", "*.json"],
+        )
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{name!r} is not in the hub cache{f' ({cache_dir})' if cache_dir else ''} and downloads are off "
+            "(local_files_only or HF_HUB_OFFLINE)"
+        ) from None
+    return Path(directory)
 
 
 @dataclass
 class PipelineOutput:
-    """images: the top level, one PIL image per sample (prompt-major: all images of prompt 0 first).
+    """images: the top level, as `output_type` asks: one PIL image per sample (prompt-major: all images of
+    prompt 0 first), or a (B, C, H, W) tensor ("pt") / (B, H, W, C) array ("np") in [0, 1].
     levels: when asked for, every level's images, highest resolution first (levels[r][i]).
     tensors: every level as a (B, C, S_r, S_r) float tensor in [-1, 1] on the CPU, highest first.
+    evaluations: network evaluations in sample rows, {"network_rows", "guide_rows"} (a guided step
+    costs two rows per sample, one outside the guidance interval); None for unconditional models.
 
     Video models: tensors are clips (B, C, T_r, S_r, S_r) and each PIL image shows a clip's frames side
     by side; write clips with matryoshka.video.save_video(output.tensors[0][i], "clip.gif" or ".mp4")."""
 
-    images: list[Image.Image]
+    images: list[Image.Image] | torch.Tensor | np.ndarray
     levels: list[list[Image.Image]] | None
     tensors: list[torch.Tensor]
-    # Network evaluations of a conditional model's call, in sample rows: {"network_rows", "guide_rows"}
-    # (a guided step costs two rows per sample, one outside the guidance interval).
     evaluations: dict[str, int] | None = None
 
 
 class MatryoshkaPipeline:
-    """A NestedUNet, its diffusion config and (for text-to-image models) its text encoder.
+    """A NestedUNet, its diffusion config, its scheduler and (for text-to-image models) its text encoder.
 
     Args:
         model: the network; moved to `device` and put in eval mode.
-        config: the model directory config (network, diffusion, text encoder spec, class names).
+        config: the model directory config (network, diffusion, text encoder spec, class names, the
+            recommended sampling settings).
         text_encoder: the encoder of a text-conditional model; None loads the one `config.text_encoder`
             names (a spec string for `load_text_encoder`).
+        scheduler: how sampling steps; None: the model's recommended sampler (`config.sampling`).
     """
 
     def __init__(
@@ -127,11 +126,14 @@ class MatryoshkaPipeline:
         config: MDMConfig,
         text_encoder: TextEncoder | str | None = None,
         device: str | torch.device = "cpu",
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = config
         self.schedule = PyramidSchedule.from_config(config.diffusion, config.model.scales)
+        self.scheduler = scheduler or make_scheduler(config.sampling.sampler, config.sampling.eta)
+        self._progress_bar_config: dict[str, Any] = {}
         self.text_encoder: TextEncoder | None = None
         if isinstance(text_encoder, str):
             config.text_encoder = text_encoder
@@ -154,19 +156,33 @@ class MatryoshkaPipeline:
                 )
             self.text_encoder = text_encoder.to(self.device)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The network's weight dtype (float32 unless `.to(dtype)` or `torch_dtype` said otherwise)."""
+        return next(self.model.parameters()).dtype
+
     # ---- loading and saving -------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(
         cls,
-        directory: str | Path,
+        name_or_path: str | Path,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        torch_dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         text_encoder: TextEncoder | str | None = None,
     ) -> MatryoshkaPipeline:
-        """Loads a model directory (config.yaml + model.safetensors). text_encoder overrides the
-        encoder its config names (a spec such as "minilm" or "t5:/path", or an encoder object)."""
+        """Loads a model: a model directory (config.yaml + model.safetensors), a bundled model by name
+        ("fashion-t2i"), or a hub repository id ("user/name", at `revision`, through the hub cache in
+        `cache_dir`; HF_HUB_OFFLINE or local_files_only use the cache alone). torch_dtype: cast the network
+        (float16 / bfloat16; the sampler's arithmetic stays float32). text_encoder overrides the encoder its
+        config names (a spec such as "minilm" or "t5:/path", or an encoder object)."""
+        directory = resolve_pretrained(name_or_path, revision, cache_dir, local_files_only)
         model, config = load_model_dir(directory, device=device)
-        return cls(model, config, text_encoder=text_encoder, device=device)
+        pipe = cls(model, config, text_encoder=text_encoder, device=device)
+        return pipe.to(torch_dtype) if torch_dtype is not None else pipe
 
     @classmethod
     def from_official(
@@ -195,25 +211,57 @@ class MatryoshkaPipeline:
         config = MDMConfig(model=model_config, diffusion=diffusion_config)
         return cls(model, config, text_encoder=text_encoder, device=device)
 
-    def save_pretrained(self, directory: str | Path, card: str | None = None) -> Path:
-        """Writes config.yaml + model.safetensors (+ model_card.md); `from_pretrained` reads it back."""
-        return save_model_dir(directory, self.model, self.config, card=card)
+    def save_pretrained(
+        self, directory: str | Path, card: str | None = None, push_to_hub: bool = False, repo_id: str | None = None,
+        private: bool | None = None, commit_message: str | None = None,
+    ) -> Path:
+        """Writes config.yaml (with the current scheduler as the recommended sampler) + model.safetensors
+        (+ model_card.md), which `from_pretrained` reads back. push_to_hub: also upload the directory to
+        the hub repository `repo_id` (default: the directory's name), created if missing."""
+        sampling_defaults = replace(self.config.sampling, sampler=self.scheduler.config.name,
+                                    eta=self.scheduler.config.eta)
+        config = replace(self.config, sampling=sampling_defaults)
+        model = self.model if self.dtype == torch.float32 else _float32_copy(self.model)
+        path = save_model_dir(directory, model, config, card=card)
+        if push_to_hub:
+            from huggingface_hub import HfApi
 
-    def to(
-        self, device: str | torch.device | None = None, memory_format: torch.memory_format | None = None
-    ) -> MatryoshkaPipeline:
-        """Move the network (and text encoder) to `device`. memory_format=torch.channels_last stores the
-        network's convolution weights channels-last, so its convolutions run in that layout (the same
-        images; on a CPU 1.13x faster per sampling call of the embedded model, fp32 or bf16);
-        torch.contiguous_format undoes it."""
+            api = HfApi()
+            repo = repo_id or Path(directory).name
+            api.create_repo(repo, private=private, exist_ok=True)
+            api.upload_folder(repo_id=repo, folder_path=str(path), commit_message=commit_message or "matryoshka model")
+        return path
+
+    def to(self, *args: Any, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+           memory_format: torch.memory_format | None = None) -> MatryoshkaPipeline:
+        """Move and/or cast, as diffusers' `pipe.to("cuda")`, `pipe.to(torch.bfloat16)` or
+        `pipe.to("cuda", torch.float16)`: the network (and text encoder) go to the device; the network's
+        weights take the dtype (its inputs are cast to it, its outputs back to float32).
+        memory_format=torch.channels_last stores the convolution weights channels-last (the same images,
+        faster on a CPU, see BENCHMARKS.md); torch.contiguous_format undoes it."""
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            elif isinstance(arg, str | torch.device):
+                device = arg
+            else:
+                raise TypeError(f"pipe.to() takes a device and/or a torch.dtype, got {arg!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"pipe.to(dtype) needs a floating-point dtype, got {dtype}")
         if device is not None:
             self.device = torch.device(device)
             self.model.to(self.device)
             if self.text_encoder is not None:
                 self.text_encoder.to(self.device)
+        if dtype is not None:
+            self.model.to(dtype)
         if memory_format is not None:
             self.model.to(memory_format=memory_format)
         return self
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """tqdm options for the sampling bar (e.g. disable=True, desc="..."), as in diffusers."""
+        self._progress_bar_config = dict(kwargs)
 
     # ---- conditioning -------------------------------------------------------------------------------
 
@@ -247,13 +295,25 @@ class MatryoshkaPipeline:
         return label
 
     def _text_branches(
-        self, prompts: list[str], negatives: list[str], rows: torch.Tensor
+        self, prompts: list[str] | None, embedded: TextEmbedding | None, negative_prompt,
+        negative_embedded: TextEmbedding | None, rows: torch.Tensor,
     ) -> tuple[TextEmbedding, TextEmbedding]:
-        """Conditional and unconditional embeddings of the B rows, padded to one token length."""
-        assert self.text_encoder is not None
-        cond = self.text_encoder.encode(prompts)[rows]
-        uncond = self.text_encoder.encode(negatives)
-        uncond = uncond.repeat(len(rows)) if len(negatives) == 1 else uncond[rows]
+        """Conditional and unconditional embeddings of the B rows (rows: each row's prompt index), padded
+        to one token length."""
+        if embedded is None:
+            assert self.text_encoder is not None and prompts is not None
+            embedded = self.text_encoder.encode(prompts)
+        count = len(embedded)
+        cond = embedded[rows] if count > 1 else embedded.repeat(len(rows))
+        if negative_embedded is None:
+            assert self.text_encoder is not None
+            negatives = self._negative_list(negative_prompt, count)
+            negative_embedded = self.text_encoder.encode(negatives)
+        elif negative_prompt is not None:
+            raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+        if len(negative_embedded) not in (1, count):
+            raise ValueError(f"negative_prompt_embeds has {len(negative_embedded)} rows for {count} prompts")
+        uncond = negative_embedded.repeat(len(rows)) if len(negative_embedded) == 1 else negative_embedded[rows]
         cond, uncond = pad_embeddings([cond, uncond])
         return cond, uncond
 
@@ -268,8 +328,8 @@ class MatryoshkaPipeline:
         num_inference_steps: int | None = None,
         guidance_scale: float | Sequence[float] | None = None,
         sampler: str | None = None,
-        eta: float = 0.0,
-        generator: torch.Generator | int | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | int | list[torch.Generator] | None = None,
         num_images_per_prompt: int = 1,
         output_levels: bool = False,
         callback: sampling.StepCallback | None = None,
@@ -280,23 +340,39 @@ class MatryoshkaPipeline:
         guidance_interval: GuidanceInterval | tuple[float, float] | Sequence | None = None,
         guidance_rescale: float = 0.0,
         guide_model: MatryoshkaPipeline | NestedUNet | None = None,
-    ) -> PipelineOutput:
-        """Generates num_images_per_prompt images for every prompt (or class label).
+        output_type: str = "pil",
+        return_dict: bool = True,
+        latents: list[torch.Tensor] | None = None,
+        prompt_embeds: torch.Tensor | TextEmbedding | None = None,
+        negative_prompt_embeds: torch.Tensor | TextEmbedding | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        callback_on_step_end: Callable[[MatryoshkaPipeline, int, float, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> PipelineOutput | tuple:
+        """Generates num_images_per_prompt images for every prompt (or class label, or prompt embedding).
 
-        num_inference_steps, guidance_scale, sampler: None takes the model directory's recommended
-        settings (`config.sampling`; the official 50 DDIM steps at guidance 7.5 unless the model says else).
-
+        num_inference_steps, guidance_scale: None takes the model directory's recommended settings
+            (`config.sampling`; the official 50 steps at guidance 7.5 unless the model says else).
+        sampler: a scheduler shorthand ("ddim", "ddpm", "dpmpp_2m", "euler", "heun"); None: `self.scheduler`
+            (swap it with `pipe.scheduler = X.from_config(pipe.scheduler.config)`). eta: DDIM's eta (None:
+            the scheduler's).
         guidance_scale: w in u + w (c - u), one float or one per level (highest first); 1 = no guidance.
-        generator: a torch.Generator on the pipeline's device, or an int seed; the initial noise of every
-            level and DDPM/eta noise come from it, so a seed gives the same images every time.
+        generator: a torch.Generator on the pipeline's device, an int seed, or a list of generators, one
+            per image (each image is then what a call of one image with that generator gives).
         callback: called after every step with a sampling.StepState (x0 estimates and states per level).
+        callback_on_step_end: diffusers' hook, `fn(pipe, step, t, callback_kwargs) -> dict`; callback_kwargs
+            holds "latents" (the pyramid, highest first) and "x0"; a returned "latents" replaces the pyramid.
         init_image: super-resolution / variations: a low-resolution image (PIL, or a tensor (C, H, W) in
             [-1, 1]) that pins level `init_level` (default: the level whose side equals the image's, else
             the core, resized to it): at every step that level is replaced by the image noised to the
             current time, so the other levels are generated consistent with it.
+        latents: the initial pyramid (one (B, C, S_r, S_r) tensor per level, highest first) instead of
+            noise drawn from the generator.
+        prompt_embeds / negative_prompt_embeds: text states (B, S, D) (or TextEmbedding) instead of prompts,
+            with their masks (B, S) (default: every token real); the negative default is the encoded "".
         precision: "fp32", or "bf16": the network runs under bf16 autocast (the sampler's arithmetic stays
-            in float32); about 2x faster for the official models on a CPU with AVX512-BF16, and the fast
-            path on GPUs (BENCHMARKS.md, "Performance"); images differ slightly from fp32 ones.
+            in float32); faster on GPUs and on CPUs with AVX512-BF16 (BENCHMARKS.md, "Performance").
         guidance_interval: guide only while a level's noise level is inside it (Kynkaanniemi et al. 2024):
             a GuidanceInterval (bounds in sigma, log-SNR or t), a (low, high) tuple in sigma = sqrt((1 - g) / g)
             of the level's own shifted schedule, or one per level (None = always). Outside it a step runs
@@ -306,25 +382,28 @@ class MatryoshkaPipeline:
         guide_model: autoguidance (Karras et al. 2024): the base of guidance is this weaker model's
             conditional prediction instead of the unconditional one (a pipeline or network of the same
             levels, conditioning and diffusion); the negative prompt is then unused.
+        output_type: "pil" (default), "pt" or "np" for `images`; return_dict False returns (images,).
         """
         recommended = self.config.sampling
         num_inference_steps = recommended.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance_scale = recommended.guidance_scale if guidance_scale is None else guidance_scale
-        sampler = recommended.sampler if sampler is None else sampler
-        sample_fn = get_sampler(sampler)
+        scheduler = self._scheduler_for(sampler, eta)
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
         model_config = self.config.model
         scales = self._check_guidance(guidance_scale)
 
-        prompts = self._prompt_list(prompt)
+        prompts = self._prompt_list(prompt) if prompt_embeds is None else None
+        if prompt_embeds is not None and prompt is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
         labels = self._label_list(class_labels)
-        groups = max(len(prompts or []), len(labels or []), 1)
-        for name, values in (("prompt", prompts), ("class_labels", labels)):
+        embedded = self._embedding(prompt_embeds, prompt_attention_mask, "prompt_embeds")
+        groups = max(len(prompts or []), len(labels or []), len(embedded) if embedded is not None else 0, 1)
+        for name, values in (("prompt", prompts), ("class_labels", labels), ("prompt_embeds", embedded)):
             if values is not None and len(values) not in (1, groups):
                 raise ValueError(
                     f"{name} has {len(values)} entries but there are {groups} prompts/labels: give one or {groups}"
@@ -335,13 +414,17 @@ class MatryoshkaPipeline:
 
         conditional: dict = {}
         unconditional: dict = {}
-        if prompts is not None:
-            negatives = self._negative_list(negative_prompt, len(prompts))
-            group_rows = rows if len(prompts) == groups else torch.zeros_like(rows)
-            cond, uncond = self._text_branches(prompts, negatives, group_rows)
-            conditional.update(text_states=cond.states, text_mask=cond.mask)
-            unconditional.update(text_states=uncond.states, text_mask=uncond.mask)
-        elif negative_prompt is not None:
+        if prompts is not None or embedded is not None:
+            count = len(prompts) if prompts is not None else len(embedded)
+            group_rows = rows if count == groups else torch.zeros_like(rows)
+            cond, uncond = self._text_branches(
+                prompts, embedded, negative_prompt,
+                self._embedding(negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt_embeds"),
+                group_rows,
+            )
+            conditional.update(text_states=cond.states.to(self.device), text_mask=cond.mask.to(self.device))
+            unconditional.update(text_states=uncond.states.to(self.device), text_mask=uncond.mask.to(self.device))
+        elif negative_prompt is not None or negative_prompt_embeds is not None:
             raise ValueError("negative_prompt needs a text-conditional model and a prompt")
         if labels is not None:
             ids = torch.tensor(labels, dtype=torch.long)
@@ -351,50 +434,90 @@ class MatryoshkaPipeline:
 
         guide = self.guide_network(guide_model)
         guided = None
+        network = _in_dtype(self.model, self.dtype)
         if conditional:
             denoiser = guided = classifier_free_guidance(
-                self.model, conditional, unconditional, scales, interval=_as_intervals(guidance_interval),
-                schedule=self.schedule, rescale=guidance_rescale, guide_model=guide,
+                network, conditional, unconditional, scales, interval=_as_intervals(guidance_interval),
+                schedule=self.schedule, rescale=guidance_rescale,
+                guide_model=None if guide is None else _in_dtype(guide, next(guide.parameters()).dtype),
             )
         elif guide is not None or guidance_interval is not None or guidance_rescale:
             raise ValueError("guidance_interval, guidance_rescale and guide_model need a conditional model")
         else:  # an unconditional model: nothing to guide
 
             def denoiser(pyramid: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
-                return self.model(pyramid, t)
+                return network(pyramid, t)
 
         if precision == "bf16":
             denoiser = _in_bf16(denoiser, self.device)
 
-        generator = self._generator(generator)
-        noise = [
-            torch.randn((batch, *shape), generator=generator, device=self.device) for shape in self.level_shapes()
-        ]
-        timesteps = spaced_timesteps(self.schedule.num_train_steps, num_inference_steps)
-        extra = {}
+        generator = self._generator(generator, batch)
+        noise = self._initial_noise(latents, batch, generator)
+        schedule = self.schedule.to(self.device)
+        scheduler.set_timesteps(
+            num_inference_steps, schedule, prediction=self.config.diffusion.prediction,
+            threshold=self.config.diffusion.threshold,
+        )
+        replace_levels = None
         if init_image is not None:
             level, image = self._init_level(init_image, init_level)
-            extra["replace_levels"] = sampling.condition_on_levels(
-                {level: image.to(self.device)}, self.schedule.to(self.device), generator
-            )
-        result = sample_fn(
-            denoiser,
-            noise,
-            self.schedule.to(self.device),
-            timesteps,
-            eta=eta,
-            prediction=self.config.diffusion.prediction,
-            threshold_kind=self.config.diffusion.threshold,
-            generator=generator,
-            callback=callback,
-            progress=progress,
-            **extra,
+            replace_levels = sampling.condition_on_levels({level: image.to(self.device)}, schedule, generator)
+        step_hook = _step_hook(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        bar = {**self._progress_bar_config} if self._progress_bar_config else progress
+        if isinstance(bar, dict) and not progress:
+            bar = {**bar, "disable": True}
+        result = sampling.sample(
+            denoiser, noise, scheduler, generator=generator, callback=step_hook, progress=bar,
+            replace_levels=replace_levels,
         )
         tensors = [level.float().cpu() for level in result]
-        images = [_to_pil(sample) for sample in tensors[0]]
+        images: Any
+        if output_type == "pil":
+            images = [_to_pil(sample) for sample in tensors[0]]
+        elif output_type == "pt":
+            images = (tensors[0] + 1) / 2
+        else:
+            images = ((tensors[0] + 1) / 2).movedim(1, -1).numpy()
         levels = [[_to_pil(sample) for sample in level] for level in tensors] if output_levels else None
         evaluations = {"network_rows": guided.rows, "guide_rows": guided.guide_rows} if guided is not None else None
+        if not return_dict:
+            return (images,)
         return PipelineOutput(images=images, levels=levels, tensors=tensors, evaluations=evaluations)
+
+    def _scheduler_for(self, sampler: str | None, eta: float | None) -> Scheduler:
+        """A fresh scheduler for one call (schedulers hold state): the named one, or a copy of self.scheduler."""
+        if sampler is not None:
+            return make_scheduler(sampler, self.scheduler.config.eta if eta is None else eta)
+        if eta is None:
+            return type(self.scheduler).from_config(self.scheduler.config)
+        return type(self.scheduler).from_config(SchedulerConfig(self.scheduler.config.name, eta)) \
+            if self.scheduler.stochastic else make_scheduler(self.scheduler.config.name, eta)
+
+    def _initial_noise(self, latents, batch: int, generator) -> list[torch.Tensor]:
+        shapes = self.level_shapes()
+        if latents is None:
+            return [randn((batch, *shape), generator, self.device, torch.float32) for shape in shapes]
+        latents = list(latents)
+        wanted = [(batch, *shape) for shape in shapes]
+        if [tuple(x.shape) for x in latents] != wanted:
+            raise ValueError(f"latents must be one tensor per level of shapes {wanted}, got "
+                             f"{[tuple(x.shape) for x in latents]}")
+        return [x.to(self.device, torch.float32) for x in latents]
+
+    def _embedding(self, states, mask, name: str) -> TextEmbedding | None:
+        """prompt_embeds (and mask) as a TextEmbedding on the pipeline's device."""
+        if states is None:
+            return None
+        if not self.is_text_conditional:
+            raise ValueError(f"{name} needs a text-conditional model")
+        if isinstance(states, TextEmbedding):
+            return states
+        if states.ndim != 3 or states.shape[-1] != self.config.model.text_dim:
+            raise ValueError(f"{name} must be (B, S, {self.config.model.text_dim}), got {tuple(states.shape)}")
+        mask = torch.ones(states.shape[:2], dtype=torch.long) if mask is None else mask.long()
+        weights = mask.to(states.dtype).unsqueeze(-1)
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return TextEmbedding(states=states.float().cpu(), mask=mask.cpu(), pooled=pooled.float().cpu())
 
     def guide_network(self, guide: MatryoshkaPipeline | NestedUNet | None) -> NestedUNet | None:
         """Autoguidance's guide (a pipeline or network) as a network, checked against this model: ValueError
@@ -447,11 +570,7 @@ class MatryoshkaPipeline:
 
     def level_shapes(self) -> list[tuple[int, ...]]:
         """Per-sample shape of every level, highest first: (C, S_r, S_r), or (C, T_r, S_r, S_r) for video."""
-        model = self.config.model
-        if model.num_frames:
-            top = (model.in_channels, model.num_frames, model.image_size, model.image_size)
-            return level_shapes(top, model.scales, model.time_scales)
-        return level_shapes((model.in_channels, model.image_size, model.image_size), model.scales)
+        return self.config.model.level_shapes()
 
     def _check_guidance(self, guidance_scale: float | Sequence[float]) -> float | list[float]:
         if isinstance(guidance_scale, int | float):
@@ -508,7 +627,12 @@ class MatryoshkaPipeline:
             raise ValueError("class_labels is empty")
         return [self.class_index(label) for label in values]
 
-    def _generator(self, generator: torch.Generator | int | None) -> torch.Generator:
+    def _generator(self, generator, batch: int) -> torch.Generator | list[torch.Generator]:
+        """An int seed, a generator on the pipeline's device, or a list of `batch` of them (one per image)."""
+        if isinstance(generator, list | tuple):
+            if len(generator) != batch:
+                raise ValueError(f"{len(generator)} generators for {batch} images: give one generator per image")
+            return [self._generator(g, 1) for g in generator]  # type: ignore[misc]
         if generator is None:
             generator = int(torch.randint(0, 2**31 - 1, ()).item())
         if isinstance(generator, int):
@@ -521,6 +645,46 @@ class MatryoshkaPipeline:
                 f"make it with torch.Generator(device={str(self.device)!r}) or pass an int seed"
             )
         return generator
+
+
+def _in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> Callable[..., list[torch.Tensor]]:
+    """The network called in its weight dtype (inputs cast to it), its outputs handed back in float32."""
+    if dtype == torch.float32:
+        return model
+
+    def run(pyramid: list[torch.Tensor], t: torch.Tensor, **conditioning) -> list[torch.Tensor]:
+        cast = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                for k, v in conditioning.items()}
+        return [out.float() for out in model([x.to(dtype) for x in pyramid], t, **cast)]
+
+    return run
+
+
+def _float32_copy(model: NestedUNet) -> NestedUNet:
+    """The network with float32 weights (what a model directory stores), the original untouched."""
+    copy = NestedUNet(model.config)
+    copy.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    return copy
+
+
+def _step_hook(pipe, callback, on_step_end, tensor_inputs: Sequence[str]):
+    """One loop callback from the old-style `callback(StepState)` and diffusers' `callback_on_step_end`."""
+    if callback is None and on_step_end is None:
+        return None
+    unknown = set(tensor_inputs) - {"latents", "x0"}
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs may name latents and x0, got {sorted(unknown)}")
+
+    def hook(state: sampling.StepState):
+        if callback is not None:
+            callback(state)
+        if on_step_end is None:
+            return None
+        available = {"latents": state.xt, "x0": state.x0}
+        result = on_step_end(pipe, state.index, state.t, {name: available[name] for name in tensor_inputs}) or {}
+        return result.get("latents")
+
+    return hook
 
 
 def _as_intervals(value) -> GuidanceInterval | list[GuidanceInterval | None] | None:

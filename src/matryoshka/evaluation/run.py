@@ -88,7 +88,7 @@ class EvalSettings:
         num_samples: images generated and scored.
         steps: sampler steps per image.
         guidance: classifier-free guidance scale, one float or one per level (highest first).
-        sampler: a name registered with ``matryoshka.pipeline.register_sampler`` ("ddim", ...).
+        sampler: a scheduler shorthand (``matryoshka.schedulers.available_schedulers``: "ddim", ...).
         seed: seeds the sampler noise, the captions and the KID subsets.
         batch_size: images generated (and classified) per forward pass.
         reference: ``"fashion_mnist"`` (the test split, fitted to the model's size), an image folder, or an

@@ -172,6 +172,17 @@ class ModelConfig:
     def frames(self) -> list[int]:
         return [self.num_frames * s // self.time_scales[0] for s in self.time_scales] if self.num_frames else []
 
+    def level_shapes(self, images: bool = False) -> list[tuple[int, ...]]:
+        """Per-sample shape of every level, highest first: (C, S_r, S_r), or for a video model
+        (C, T_r, S_r, S_r) unless `images` (a video model trained on single frames). The one place level
+        shapes are computed (training noise, sampling noise, previews, benchmarks)."""
+        from matryoshka.pyramid import level_shapes
+
+        if self.num_frames and not images:
+            top = (self.in_channels, self.num_frames, self.image_size, self.image_size)
+            return level_shapes(top, self.scales, self.time_scales)
+        return level_shapes((self.in_channels, self.image_size, self.image_size), self.scales)
+
     def innermost(self, num_levels: int) -> ModelConfig:
         """The config of the model made of the innermost `num_levels` levels (a progressive stage)."""
         if not 1 <= num_levels <= self.num_levels:

@@ -240,7 +240,7 @@ def train(
                     if stage.frames_as_images and images.ndim == 5:
                         images = one_frame_each(images, first)
                     draws = draw(
-                        list(range(first, first + local_batch)), level_shapes_of(mdm, images.ndim == 4),
+                        list(range(first, first + local_batch)), mdm.model.level_shapes(images=images.ndim == 4),
                         schedule.num_train_steps, config.data.cond_dropout if conditioner.conditional else 0.0,
                         config.seed, device,
                     )
@@ -383,16 +383,6 @@ def diffusion_loss(
         inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
     predictions = model(inputs, t, **conditioning)
     return multi_resolution_loss(predictions, clean, noise, noisy, t, schedule, diffusion)
-
-
-def level_shapes_of(mdm: MDMConfig, images: bool = False) -> list[tuple[int, ...]]:
-    """Per-sample shapes of the model's levels: (C, S_r, S_r), or (C, T_r, S_r, S_r) for a video model
-    unless `images` (a video model trained on single frames)."""
-    model = mdm.model
-    if model.num_frames and not images:
-        top = (model.in_channels, model.num_frames, model.image_size, model.image_size)
-        return pyr.level_shapes(top, model.scales, model.time_scales)
-    return pyr.level_shapes((model.in_channels, model.image_size, model.image_size), model.scales)
 
 
 def one_frame_each(clips: torch.Tensor, first_sample: int) -> torch.Tensor:

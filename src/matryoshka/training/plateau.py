@@ -77,7 +77,7 @@ def held_out_loss(
     conditioner, seed: int, device: torch.device, time_scales: list[int] | None = None,
 ) -> float:
     """The mean multi-resolution loss of `model` on the items at fixed times and noise (no dropout)."""
-    from matryoshka.training.loop import diffusion_loss, level_shapes_of
+    from matryoshka.training.loop import diffusion_loss
 
     key = "video" if "video" in items[0] else "image"
     images = torch.stack([item[key] for item in items]).to(device)
@@ -85,7 +85,7 @@ def held_out_loss(
     steps = schedule.num_train_steps
     t = ((torch.arange(count, dtype=torch.float64) + 0.5) * steps / count).long().clamp(max=steps - 1).to(device)
     generator = torch.Generator().manual_seed(seed)
-    noise = [torch.randn((count, *shape), generator=generator).to(device) for shape in level_shapes_of(mdm)]
+    noise = [torch.randn((count, *shape), generator=generator).to(device) for shape in mdm.model.level_shapes()]
     labels = torch.tensor([int(item.get("label", -1)) for item in items])
     captions = [str(item.get("caption", "")) for item in items]
     conditioning = conditioner(labels, captions, torch.zeros(count, dtype=torch.bool))

@@ -11,9 +11,8 @@ from PIL import Image
 from matryoshka.data import make_grid
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.guidance import classifier_free_guidance
-from matryoshka.pyramid import level_shapes
 from matryoshka.sampling import sample
-from matryoshka.schedule import spaced_timesteps
+from matryoshka.schedulers import DDIMScheduler
 
 
 @torch.no_grad()
@@ -29,24 +28,20 @@ def sample_pyramid(
     seed: int,
     device: torch.device,
 ) -> list[torch.Tensor]:
-    """`count` samples of every level (highest first) from noise drawn with `seed` (the same every call)."""
-    config = model.config
+    """`count` samples of every level (highest first) from noise drawn with `seed` (the same every call),
+    through the one sampling loop with a DDIM scheduler and the pipeline's guidance (training sits below
+    the pipeline, so it does not build one)."""
     generator = torch.Generator().manual_seed(seed)
-    if config.num_frames:
-        top = (config.in_channels, config.num_frames, config.image_size, config.image_size)
-        shapes = level_shapes(top, config.scales, config.time_scales)
-    else:
-        shapes = level_shapes((config.in_channels, config.image_size, config.image_size), config.scales)
-    noise = [torch.randn((count, *shape), generator=generator).to(device) for shape in shapes]
+    noise = [torch.randn((count, *shape), generator=generator).to(device) for shape in model.config.level_shapes()]
     if conditional and guidance != 1:
         denoiser = classifier_free_guidance(model, conditional, unconditional, guidance)
     else:
         denoiser = lambda pyramid, t: model(pyramid, t, **conditional)  # noqa: E731
-    timesteps = spaced_timesteps(schedule.num_train_steps, min(steps, schedule.num_train_steps))
-    return sample(
-        denoiser, noise, schedule, timesteps, method="ddim", prediction=diffusion.prediction,
-        threshold_kind=diffusion.threshold,
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(
+        min(steps, schedule.num_train_steps), schedule, prediction=diffusion.prediction, threshold=diffusion.threshold
     )
+    return sample(denoiser, noise, scheduler)
 
 
 def preview_labels(mdm, count: int, prompts: list[str] | None) -> list[str] | None:

@@ -1,5 +1,6 @@
-"""ODE solvers (DPM-Solver++(2M), Euler, Heun): exactness on an oracle, accuracy on Gaussian data,
-continuous time, the method registry, and a real tiny NestedUNet with fractional times."""
+"""Schedulers (DDIM, DDPM, DPM-Solver++(2M), Euler, Heun) through the one loop: exactness on an oracle,
+accuracy on Gaussian data, continuous time, the registry, diffusers' scheduler conventions, and a real
+tiny NestedUNet with fractional times."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import math
 import pytest
 import torch
 
+from helpers import METHODS, SOLVERS, run_sampler
 from matryoshka import pyramid as pyr
-from matryoshka import sampling, solvers
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.models import LevelConfig, ModelConfig, NestedUNet
 from matryoshka.schedule import spaced_timesteps
@@ -65,7 +66,7 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_every_method_recovers_the_clean_pyramid_from_an_oracle(schedule, method, kind):
     clean = pyr.build_pyramid(torch.rand(2, 1, 8, 8) * 1.6 - 0.8, [2, 1])
     noise = pyr.sample_noise(clean, torch.Generator().manual_seed(0))
-    out = solvers.run_sampler(
+    out = run_sampler(
         oracle(clean, schedule, kind), noise, schedule, spaced_timesteps(1000, 7), method=method,
         prediction=kind, generator=torch.Generator().manual_seed(1),
     )
@@ -73,7 +74,7 @@ def test_every_method_recovers_the_clean_pyramid_from_an_oracle(schedule, method
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method", solvers.SOLVERS)
+@pytest.mark.parametrize("method", SOLVERS)
 def test_fractional_timesteps_interpolate_the_shifted_log_snr(schedule, method):
     clean = pyr.build_pyramid(torch.rand(2, 1, 8, 8) * 1.6 - 0.8, [2, 1])
     noise = pyr.sample_noise(clean, torch.Generator().manual_seed(2))
@@ -84,7 +85,7 @@ def test_fractional_timesteps_interpolate_the_shifted_log_snr(schedule, method):
         return oracle(clean, schedule)(x_t, t_model)
 
     timesteps = torch.linspace(937.5, 0.0, 9, dtype=torch.float64)
-    out = solvers.solve(recording, noise, schedule, timesteps, method=method)
+    out = run_sampler(recording, noise, schedule, timesteps, method=method)
     for got, want in zip(out, clean, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert seen_times[0].dtype == torch.float32 and float(seen_times[0][0]) == 936.5  # t - 1, not rounded
@@ -110,8 +111,8 @@ def test_euler_is_ddim_with_eta_zero(schedule):
         return [torch.tanh(1.5 * x) for x in x_t]
 
     steps = spaced_timesteps(1000, 12)
-    ddim = sampling.sample(denoiser, noise, schedule, steps, method="ddim")
-    euler = solvers.solve(denoiser, noise, schedule, steps, method="euler")
+    ddim = run_sampler(denoiser, noise, schedule, steps, method="ddim")
+    euler = run_sampler(denoiser, noise, schedule, steps, method="euler")
     for a, b in zip(ddim, euler, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
 
@@ -125,7 +126,7 @@ def test_gaussian_data_dpmpp_beats_ddim_at_ten_steps_and_variances_approach_the_
     start = int(steps[0])
     exact = gaussian_flow_solution(noise, stds, schedule.gammas_at(start))
     # The fine reference integrates the same ODE from the same start with every integer step (910 steps).
-    fine = solvers.run_sampler(denoiser, noise, schedule, torch.arange(start, -1, -1), method="ddim",
+    fine = run_sampler(denoiser, noise, schedule, torch.arange(start, -1, -1), method="ddim",
                                threshold_kind="none")
     for level, (ref, want, s) in enumerate(zip(fine, exact, stds, strict=True)):
         assert rmse(ref, want) < 3e-3, f"level {level}: the 910-step reference is off the closed form"
@@ -133,7 +134,7 @@ def test_gaussian_data_dpmpp_beats_ddim_at_ten_steps_and_variances_approach_the_
 
     errors, variance_bias = {}, {}
     for method in ("ddim", "euler", "dpmpp_2m", "heun"):
-        out = solvers.run_sampler(denoiser, noise, schedule, steps, method=method, threshold_kind="none")
+        out = run_sampler(denoiser, noise, schedule, steps, method=method, threshold_kind="none")
         errors[method] = [rmse(o, r) for o, r in zip(out, fine, strict=True)]
         variance_bias[method] = [abs(o.var().item() / s**2 - 1) for o, s in zip(out, stds, strict=True)]
     # Ten coarse steps shrink the sample variance (measured var / s^2: ddim 0.56 / 0.74, dpmpp_2m
@@ -142,7 +143,7 @@ def test_gaussian_data_dpmpp_beats_ddim_at_ten_steps_and_variances_approach_the_
     for level in range(2):
         assert variance_bias["dpmpp_2m"][level] < variance_bias["ddim"][level], variance_bias
         assert variance_bias["heun"][level] < variance_bias["ddim"][level], variance_bias
-    out = solvers.run_sampler(denoiser, noise, schedule, spaced_timesteps(1000, 50), method="dpmpp_2m",
+    out = run_sampler(denoiser, noise, schedule, spaced_timesteps(1000, 50), method="dpmpp_2m",
                               threshold_kind="none")
     for o, s in zip(out, stds, strict=True):
         assert o.var().item() == pytest.approx(s**2, rel=0.05)
@@ -167,7 +168,7 @@ def test_dpmpp_error_shrinks_faster_than_ddim_with_more_steps(schedule):
     for num_steps in (10, 20):
         steps = torch.linspace(900, 0, num_steps + 1).round().long()
         for method in errors:
-            out = solvers.run_sampler(denoiser, noise, schedule, steps, method=method, threshold_kind="none")
+            out = run_sampler(denoiser, noise, schedule, steps, method=method, threshold_kind="none")
             errors[method].append(rmse(out[1], exact[1]))
     ddim_gain = errors["ddim"][0] / errors["ddim"][1]
     dpmpp_gain = errors["dpmpp_2m"][0] / errors["dpmpp_2m"][1]
@@ -184,12 +185,12 @@ def test_thresholding_applies_to_the_data_prediction(schedule):
         gammas = schedule.gammas_at(float(t[0]) + 1)
         return [pyr.from_x0(x, torch.full_like(x, 5.0), torch.tensor(g), "v") for x, g in zip(x_t, gammas, strict=True)]
 
-    for method in solvers.SOLVERS:
+    for method in SOLVERS:
         seen.clear()
-        out = solvers.solve(wild, noise, schedule, spaced_timesteps(1000, 4), method=method, callback=seen.append)
+        out = run_sampler(wild, noise, schedule, spaced_timesteps(1000, 4), method=method, callback=seen.append)
         assert all(torch.allclose(x0, torch.ones_like(x0)) for state in seen for x0 in state.x0)
         assert all(torch.allclose(x, torch.ones_like(x)) for x in out)
-        unclipped = solvers.solve(
+        unclipped = run_sampler(
             wild, noise, schedule, spaced_timesteps(1000, 4), method=method, threshold_kind="none",
             callback=seen.append,
         )
@@ -206,17 +207,18 @@ def test_callback_steps_and_solver_determinism(schedule):
 
     seen = []
     steps = spaced_timesteps(1000, 5)
-    a = solvers.solve(denoiser, noise, schedule, steps, method="heun", callback=seen.append)
+    a = run_sampler(denoiser, noise, schedule, steps, method="heun", callback=seen.append)
     # Heun: two calls per step (t - 1 and s - 1) except the last step, which ends at the clean end.
     expected = [t - 1 for pair in zip(steps[:-2].tolist(), steps[1:-1].tolist(), strict=True) for t in pair]
     assert calls == [*expected, int(steps[-2]) - 1]
-    assert [state.index for state in seen] == list(range(5)) and seen[-1].s == 0
-    b = solvers.solve(denoiser, noise, schedule, steps, method="heun")
+    # The callback sees every network call: 2 per step, 1 for the last.
+    assert [state.index for state in seen] == list(range(9)) and seen[-1].s == 0 and seen[0].s == seen[1].t
+    b = run_sampler(denoiser, noise, schedule, steps, method="heun")
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_registry_and_bad_input(schedule):
-    assert solvers.METHODS == ("ddim", "ddpm", "dpmpp_2m", "euler", "heun")
+    assert METHODS == ("ddim", "ddpm", "dpmpp_2m", "euler", "heun")
     noise = [torch.randn(1, 1, 8, 8), torch.randn(1, 1, 4, 4)]
 
     def denoiser(x_t, t):
@@ -224,27 +226,26 @@ def test_registry_and_bad_input(schedule):
 
     steps = spaced_timesteps(1000, 3)
     with pytest.raises(ValueError, match="unknown sampler 'rk4'"):
-        solvers.run_sampler(denoiser, noise, schedule, steps, method="rk4")
+        run_sampler(denoiser, noise, schedule, steps, method="rk4")
     with pytest.raises(ValueError, match="eta"):
-        solvers.run_sampler(denoiser, noise, schedule, steps, method="dpmpp_2m", eta=0.5)
+        run_sampler(denoiser, noise, schedule, steps, method="dpmpp_2m", eta=0.5)
     with pytest.raises(ValueError, match="strictly decreasing"):
-        solvers.solve(denoiser, noise, schedule, torch.tensor([10, 20, 0]))
+        run_sampler(denoiser, noise, schedule, torch.tensor([10, 20, 0]))
     with pytest.raises(ValueError, match=r"lie in \[0, 1000\]"):
-        solvers.solve(denoiser, noise, schedule, torch.tensor([1200, 0]))
+        run_sampler(denoiser, noise, schedule, torch.tensor([1200, 0]))
     with pytest.raises(ValueError, match="3 levels"):
-        solvers.solve(denoiser, [*noise, noise[1]], schedule, steps)
+        run_sampler(denoiser, [*noise, noise[1]], schedule, steps)
     with pytest.raises(ValueError, match="prediction kind"):
-        solvers.solve(denoiser, noise, schedule, steps, prediction="score")
-    for method in solvers.METHODS:
-        out = solvers.sampler(method)(denoiser, noise, schedule, steps, eta=0.0, prediction="v",
-                                      threshold_kind="clip", generator=None, callback=None, progress=False)
+        run_sampler(denoiser, noise, schedule, steps, prediction="score")
+    for method in METHODS:
+        out = run_sampler(denoiser, noise, schedule, steps, method=method)
         assert [x.shape for x in out] == [x.shape for x in noise]
 
 
 def test_pipeline_dispatches_the_solvers_by_name():
     from matryoshka.pipeline import available_samplers
 
-    assert set(solvers.METHODS) <= set(available_samplers())
+    assert set(METHODS) <= set(available_samplers())
 
 
 def test_tiny_nested_unet_with_fractional_times_runs_every_solver():
@@ -259,9 +260,9 @@ def test_tiny_nested_unet_with_fractional_times_runs_every_solver():
     float_steps = torch.tensor([900.5, 600.25, 300.0, 0.0], dtype=torch.float64)
     int_steps = torch.tensor([900, 600, 300, 0])
     outputs = {}
-    for method in solvers.SOLVERS:
-        outputs[method] = solvers.solve(model, noise, schedule, float_steps, method=method)
+    for method in SOLVERS:
+        outputs[method] = run_sampler(model, noise, schedule, float_steps, method=method)
         assert all(torch.isfinite(x).all() and x.abs().max() <= 1 for x in outputs[method])
-    near = solvers.solve(model, noise, schedule, int_steps, method="dpmpp_2m")
+    near = run_sampler(model, noise, schedule, int_steps, method="dpmpp_2m")
     # moving the times by a fraction of a step moves the result a little, not a lot
     assert 0 < max(rmse(a, b) for a, b in zip(outputs["dpmpp_2m"], near, strict=True)) < 0.1

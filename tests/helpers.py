@@ -1,0 +1,19 @@
+"""Shared helpers for the tests (not a test module)."""
+
+from __future__ import annotations
+
+from matryoshka import sampling
+from matryoshka.schedulers import make_scheduler
+
+METHODS = ("ddim", "ddpm", "dpmpp_2m", "euler", "heun")
+SOLVERS = ("dpmpp_2m", "euler", "heun")
+
+
+def run_sampler(denoiser, noise, schedule, timesteps, *, method: str = "ddim", eta: float = 0.0,
+                prediction: str = "v", threshold_kind: str = "clip", generator=None, callback=None,
+                progress: bool = False, replace_levels=None):
+    """The one loop with the named scheduler on the given time grid (what the pipeline does)."""
+    scheduler = make_scheduler(method, eta)
+    scheduler.set_timesteps(None, schedule, prediction=prediction, threshold=threshold_kind, timesteps=timesteps)
+    return sampling.sample(denoiser, noise, scheduler, generator=generator, callback=callback, progress=progress,
+                           replace_levels=replace_levels)
