@@ -67,7 +67,7 @@ def sample(
     batch, device = x_t[-1].shape[0], x_t[0].device
     bar = {"desc": scheduler.name or "sampling", "leave": False, "disable": not progress}
     if isinstance(progress, dict):  # tqdm options (the pipeline's set_progress_bar_config)
-        bar.update(disable=False, **progress)
+        bar.update({"disable": False, **progress})
     for index in tqdm(range(len(scheduler.timesteps)), **bar):
         t = scheduler.current_time
         predictions = denoiser(scheduler.scale_model_input(x_t), scheduler.model_time(batch, device))

@@ -156,7 +156,8 @@ class NestedUNet(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Embeddings
     def _sinusoid_mlp(self, values: torch.Tensor, layers: tuple[nn.Module, nn.Module]) -> torch.Tensor:
-        return layers[1](F.silu(layers[0](self.time_features.features(values))))
+        features = self.time_features.features(values).to(layers[0].weight.dtype)  # a network cast to bf16/fp16
+        return layers[1](F.silu(layers[0](features)))
 
     def time_embedding(self, t: torch.Tensor, micros: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """t (B,) -> (B, temb): the time step's embedding plus this band's micro-conditioning."""
