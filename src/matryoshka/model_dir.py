@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from matryoshka.atomic import atomic_path, atomic_write_text
 from matryoshka.diffusion import DiffusionConfig
 from matryoshka.models.config import ModelConfig
 from matryoshka.models.unet import NestedUNet
@@ -71,11 +72,8 @@ class MDMConfig:
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
     """safetensors file written atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as temporary:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(temporary))
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -91,7 +89,7 @@ def save_model_dir(directory: str | Path, model: NestedUNet, config: MDMConfig, 
     save_state_dict(model.state_dict(), directory / WEIGHTS_NAME)
     save_yaml(config, directory / CONFIG_NAME)
     if card is not None:
-        (directory / "model_card.md").write_text(card, encoding="utf-8")
+        atomic_write_text(directory / "model_card.md", card)
     return directory
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
-from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from matryoshka.atomic import atomic_write_text
 
 T = TypeVar("T")
 
@@ -151,23 +151,6 @@ def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(to_dict(data), sort_keys=False)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers see either the old or the new content, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_yaml(instance: Any, path: str | os.PathLike) -> None:
     atomic_write_text(path, dump_yaml(instance))
 
@@ -180,7 +163,6 @@ def require(condition: bool, path: str, message: str) -> None:
 
 __all__ = [
     "ConfigError",
-    "atomic_write_text",
     "dump_yaml",
     "from_dict",
     "load_yaml",

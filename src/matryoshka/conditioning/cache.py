@@ -10,7 +10,7 @@ the truncation length changes the states (the compute dtype is not part of it: a
 of one encoder share entries). A file holds "states" (n, D) trimmed to the prompt's n real
 tokens and "pooled" (D,), with the encoder id and the prompt in its metadata (checked on read). The
 mask is rebuilt on load, so rows of different lengths pad correctly into one batch. Writes go to a
-temporary file in the same folder, then `os.replace`: a reader never sees half a file, and several
+temporary file in the same folder, then renamed (`matryoshka.atomic`): a reader never sees half a file, and several
 processes may fill one cache at once.
 """
 
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from matryoshka.atomic import atomic_write_bytes
 from matryoshka.conditioning.base import TextEmbedding, TextEncoder, check_prompts
 from matryoshka.conditioning.batching import concat
 
@@ -124,16 +123,7 @@ class EmbeddingCache:
             {"states": states, "pooled": pooled},
             metadata={"format": FORMAT, "encoder": encoder_id, "prompt": prompt},
         )
-        path = self.path_for(encoder_id, prompt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:16]}-", suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(payload)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self.path_for(encoder_id, prompt), payload)
         mask = torch.ones((1, states.shape[0]), dtype=torch.long)
         return TextEmbedding(states=states.unsqueeze(0), mask=mask, pooled=pooled.unsqueeze(0))
 

@@ -13,7 +13,6 @@ import gzip
 import os
 import random
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from matryoshka.atomic import atomic_path
 
 from .captions import caption_for_label
 from .transforms import uint8_to_tensor
@@ -55,17 +56,12 @@ def default_cache_dir() -> Path:
 
 def download_file(url: str, destination: Path, timeout: float = 60.0) -> None:
     """Download `url` to `destination` atomically (a partial download never looks like a good file)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=destination.parent, delete=False, suffix=".part") as tmp:
-        tmp_path = Path(tmp.name)
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                shutil.copyfileobj(response, tmp)
-        except BaseException:
-            tmp.close()
-            tmp_path.unlink(missing_ok=True)
-            raise
-    os.replace(tmp_path, destination)
+    with (
+        atomic_path(destination) as temporary,
+        open(temporary, "wb") as handle,
+        urllib.request.urlopen(url, timeout=timeout) as response,
+    ):
+        shutil.copyfileobj(response, handle)
 
 
 OFFLINE_VARIABLES = ("MATRYOSHKA_OFFLINE", "HF_HUB_OFFLINE")

@@ -13,10 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from matryoshka.atomic import atomic_write_text
+from matryoshka.model_dir import save_state_dict
 
 __all__ = [
     "ClassifierConfig",
@@ -132,9 +135,9 @@ def save_classifier(model: SmallCNNClassifier, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(directory / _WEIGHTS_NAME))
+    save_state_dict(state, directory / _WEIGHTS_NAME)
     record = {"format_version": _FORMAT_VERSION, "architecture": "SmallCNNClassifier", **asdict(model.config)}
-    (directory / _CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(directory / _CONFIG_NAME, json.dumps(record, indent=2) + "\n")
     return directory
 
 

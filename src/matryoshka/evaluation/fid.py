@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from matryoshka.atomic import atomic_path, atomic_write_text
+
 __all__ = [
     "FeatureStats",
     "PrecisionRecall",
@@ -101,12 +103,8 @@ class FeatureStats:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # write then rename, so an interrupted run never leaves a truncated cache file behind
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as f:
-            np.savez(f, mean=self.mean, cov=self.cov, n=np.int64(self.n), key=np.str_(self.key))
-        partial.replace(path)
+        with atomic_path(path) as temporary, open(temporary, "wb") as handle:  # never a truncated cache file
+            np.savez(handle, mean=self.mean, cov=self.cov, n=np.int64(self.n), key=np.str_(self.key))
         return path
 
     @classmethod
@@ -150,7 +148,7 @@ def cached_feature_stats(
     stats = FeatureStats(mean=stats.mean, cov=stats.cov, n=stats.n, key=key)
     stats.save(path)
     # the description beside the numbers, so a person can tell cache files apart
-    path.with_suffix(".json").write_text(json.dumps(dict(description), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path.with_suffix(".json"), json.dumps(dict(description), indent=2, sort_keys=True) + "\n")
     return stats
 
 

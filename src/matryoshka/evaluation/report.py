@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from matryoshka.atomic import atomic_write_text
+
 __all__ = ["plot_bars", "plot_curves", "to_jsonable", "write_json_report"]
 
 
@@ -50,8 +52,7 @@ def to_jsonable(value: Any) -> Any:
 def write_json_report(report: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``report`` (see ``to_jsonable`` for what values may be) as indented JSON; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(report), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(to_jsonable(report), indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from matryoshka.atomic import atomic_path
 from matryoshka.data import CLASS_NAMES, FashionMNIST, ImageFolderDataset, caption_for_label, make_grid
 from matryoshka.evaluation.classifier import (
     ClassifierConfig,
@@ -327,11 +328,8 @@ def reference_set(
         features = np.load(features_path, allow_pickle=False)
     else:
         features = extractor.extract(load(), batch_size=batch_size, progress=progress).numpy()
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = features_path.with_name(features_path.name + ".partial")
-        with open(partial, "wb") as handle:
+        with atomic_path(features_path) as temporary, open(temporary, "wb") as handle:
             np.save(handle, features)
-        partial.replace(features_path)  # never leave a truncated cache file behind
     stats = cached_feature_stats(cache_dir, description, lambda: FeatureStats.from_features(features))
     if stats.n != len(features):
         raise ValueError(

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from matryoshka.typed_config import atomic_write_text
+from matryoshka.atomic import atomic_write_text
 
 LATEST = "latest"
 STATE_FILE = "state.json"

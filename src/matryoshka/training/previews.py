@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from matryoshka.atomic import atomic_path
 from matryoshka.data import make_grid
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.guidance import classifier_free_guidance
@@ -82,10 +83,8 @@ def _video_grid(levels: list[torch.Tensor]) -> Image.Image:
 
 
 def save_grid(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    image.save(temporary, format="PNG")
-    temporary.replace(path)
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG")
 
 
 __all__ = ["pyramid_grid", "sample_pyramid", "save_grid"]

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from matryoshka.atomic import atomic_write_text
+from matryoshka.model_dir import save_state_dict
 
 from .moving_fashion_mnist import DIRECTIONS
 
@@ -118,8 +121,8 @@ def predict_directions(model: MotionClassifier, clips: torch.Tensor, batch_size:
 def save_motion_classifier(model: MotionClassifier, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / _WEIGHTS)
-    (directory / _CONFIG).write_text(json.dumps({"in_channels": model.in_channels, "width": model.width}))
+    save_state_dict(model.state_dict(), directory / _WEIGHTS)
+    atomic_write_text(directory / _CONFIG, json.dumps({"in_channels": model.in_channels, "width": model.width}))
     return directory
 
 
