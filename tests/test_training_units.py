@@ -236,7 +236,9 @@ def test_old_checkpoints_are_pruned_and_latest_is_written_last(tmp_path: Path):
         write_checkpoint(tmp_path, step, {"model": {"w": torch.full((2,), float(step))}}, {"note": step}, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000003", "step-0000004"]
     assert (tmp_path / "latest").read_text().strip() == "step-0000004"
-    assert read_state(find_latest(tmp_path)) == {"note": 4, "step": 4, "files": ["model.safetensors"]}
+    state = read_state(find_latest(tmp_path))
+    assert {k: state[k] for k in ("note", "step", "files")} == {"note": 4, "step": 4, "files": ["model.safetensors"]}
+    assert set(state["checksums"]) == {"model.safetensors"}  # size and SHA-256, for finding damage later
     # Writing a step again (a resumed run) replaces it whole.
     write_checkpoint(tmp_path, 4, {"model": {"w": torch.zeros(2)}}, {}, keep_last=2)
     assert torch.equal(read_tensors(find_latest(tmp_path), "model")["w"], torch.zeros(2))

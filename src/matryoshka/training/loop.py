@@ -1,9 +1,11 @@
 """The training loop. `train(config, out_dir)` is the whole of it, to be read top to bottom.
 
-    for each stage:        nest the last stage's model into the new outer levels (or resume one)
-        for each step:     micro-batches -> pyramid, per-sample t/noise -> model -> multi-resolution
-                           loss -> backward; clip, AdamW step, EMA; log, sample, checkpoint
-        end of stage:      checkpoint, sample grid, export DIR/model (EMA weights)
+    start_run:             a fresh run or the newest intact checkpoint; data, conditioning, monitor
+    for each stage:        open_stage: nest the last stage's model into the new outer levels (or resume one)
+        for each step:     optimizer_step: micro-batches -> pyramid, per-sample t/noise -> model ->
+                           multi-resolution loss -> backward; clip, AdamW step and EMA if finite
+                           after_step: log, plateau end, sample, checkpoint
+        close_stage:       checkpoint, export DIR/model (EMA weights), sample grid
 
 Everything random that shapes a step (data order, time steps, noise, conditioning dropout) is a
 function of the seed and the global sample index, so a resumed run, or a run on N processes, trains
@@ -44,7 +46,7 @@ from matryoshka.training.checkpoint import (
     write_checkpoint,
 )
 from matryoshka.training.conditioning import BatchConditioner
-from matryoshka.training.config import TrainConfig
+from matryoshka.training.config import StageConfig, TrainConfig
 from matryoshka.training.data import BatchStream, DataPosition, build_dataset
 from matryoshka.training.ema import EMA
 from matryoshka.training.monitor import RunMonitor
@@ -77,275 +79,396 @@ def train(
     config: TrainConfig, out_dir: str | Path, *, resume: bool = False, max_steps: int | None = None,
     quiet: bool = False,
 ) -> TrainResult:
-    """Train `config` into `out_dir`; with `resume`, continue from its latest complete checkpoint.
+    """Train `config` into `out_dir`; with `resume`, continue from its latest intact checkpoint.
 
-    max_steps: stop at this global step (a checkpoint and a model directory are written there);
-    the trajectory does not depend on it, so a later `resume` continues exactly. quiet: no messages.
+    For each stage: nest the last stage's model into the new outer levels (or resume the stage from the
+    checkpoint), take its optimizer steps (logging, previews, checkpoints, an early end on a plateau), then
+    checkpoint and export it. max_steps: stop at this global step (a checkpoint and a model directory are
+    written there); the trajectory does not depend on it, so a later `resume` continues exactly.
+    quiet: no messages.
     """
-    out_dir = Path(out_dir)
     runtime = distributed.setup(config.device)
+    try:
+        run = start_run(config, Path(out_dir), runtime, resume, max_steps, quiet)
+        for stage_index in range(run.first_stage, len(config.stages)):
+            if run.closed_by_checkpoint(stage_index):
+                continue
+            if run.step >= run.last_step:
+                break
+            stage = open_stage(run, stage_index)
+            while run.step < min(stage.end, run.last_step):
+                optimizer_step(run, stage)
+                if after_step(run, stage):  # the stage ended on its plateau
+                    break
+            close_stage(run, stage)
+        return run.finish()
+    finally:
+        distributed.cleanup(runtime)
+
+
+@dataclass
+class Run:
+    """What a run carries from stage to stage: where it is, its data, conditioning, monitor and result."""
+
+    config: TrainConfig
+    out_dir: Path
+    runtime: distributed.Runtime
+    max_steps: int | None
+    saved: dict[str, Any] | None  # the state.json of the checkpoint being resumed
+    start: Path | None  # that checkpoint, until its stage has been loaded
+    step: int
+    first_stage: int
+    samples_seen: int
+    ended: dict[int, int]  # stages that ended on a plateau (end_on_plateau) -> the steps they ran
+    faults: FaultCounter
+    stream: BatchStream
+    conditioner: BatchConditioner
+    preview_prompts: list[str] | None
+    monitor: RunMonitor
+    use_bf16: bool
+    sharded: bool
+    result: TrainResult
+    previous: tuple[dict, dict, int] | None = None  # (weights, EMA weights, levels) of the last stage
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def bounds(self) -> list[int]:
+        return self.config.stage_bounds(self.ended)
+
+    @property
+    def last_step(self) -> int:
+        return self.bounds[-1] if self.max_steps is None else min(self.bounds[-1], self.max_steps)
+
+    def resumes(self, stage_index: int) -> bool:
+        return self.saved is not None and self.start is not None and stage_index == self.saved["stage"]
+
+    def closed_by_checkpoint(self, stage_index: int) -> bool:
+        """Whether the checkpoint being resumed closed this stage (or the run); if so its model is exported
+        again (a run killed between the checkpoint and the export left that unfinished) and kept for nesting."""
+        if not self.resumes(stage_index) or self.step < min(self.bounds[stage_index + 1], self.last_step):
+            return False
+        stage = self.config.stages[stage_index]
+        self.previous = (read_tensors(self.start, "model"), read_tensors(self.start, "ema"), stage.levels)
+        mdm = stage_mdm_config(self.config, stage_index)
+        ema_weights = self.previous[1]
+        self.result.model_dir = export_weights(self.out_dir, stage_index, self.step, ema_weights, mdm, self.runtime)
+        self.start = None
+        return True
+
+    def finish(self) -> TrainResult:
+        if self.result.model_dir is None and (self.out_dir / "model").is_dir():
+            self.result.model_dir = self.out_dir / "model"
+        model_dir = self.result.model_dir
+        self.monitor.message(f"done at step {self.step}" + (f"; model in {model_dir}" if model_dir else ""))
+        if self.faults.report()["attempted"]:
+            self.monitor.message(fault_summary(self.faults))
+        self.monitor.close()
+        distributed.barrier(self.runtime)
+        return self.result
+
+
+def start_run(
+    config: TrainConfig, out_dir: Path, runtime: distributed.Runtime, resume: bool, max_steps: int | None, quiet: bool
+) -> Run:
+    """Where the run starts (a fresh run, or the newest intact checkpoint), its data stream, conditioning,
+    monitor and random state."""
     device = runtime.device
     if device.type == "cpu" and config.optim.keep_freed_memory:
         keep_freed_memory()
-    try:
-        # ---------------------------------------------------------------- where the run starts
-        checkpoints = out_dir / "checkpoints"
-        start, damaged = find_intact(checkpoints) if resume else (None, [])
-        saved = read_state(start) if start is not None else None
-        if saved is not None:
-            check_resumable(config, saved)
-        if runtime.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(checkpoints)
-            save_yaml(config, out_dir / "config.yaml")
-        step = saved["step"] if saved else 0
-        first_stage = saved["stage"] if saved else 0
-        samples_seen = saved["samples_seen"] if saved else 0
-        # Stages that ended on a plateau (end_on_plateau), and how many steps they ran.
-        ended = {int(k): int(v) for k, v in (saved.get("stage_ends") or {}).items()} if saved else {}
-        bounds = config.stage_bounds(ended)
-        last_step = bounds[-1] if max_steps is None else min(bounds[-1], max_steps)
+    checkpoints = out_dir / "checkpoints"
+    start, damaged = find_intact(checkpoints) if resume else (None, [])
+    saved = read_state(start) if start is not None else None
+    if saved is not None:
+        check_resumable(config, saved)
+    if runtime.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(checkpoints)
+        save_yaml(config, out_dir / "config.yaml")
+    step = saved["step"] if saved else 0
+    ended = {int(k): int(v) for k, v in (saved.get("stage_ends") or {}).items()} if saved else {}
+    bounds = config.stage_bounds(ended)
+    last_step = bounds[-1] if max_steps is None else min(bounds[-1], max_steps)
 
-        # ---------------------------------------------------------------- data and conditioning
+    final = config.mdm.model
+    faults = FaultCounter(config.data.max_failure_ratio, config.data.min_samples)
+    dataset = build_dataset(
+        config.data, final.image_size, final.in_channels, runtime.rank, runtime.world_size, config.seed, faults,
+        num_frames=final.num_frames,
+    )
+    found_classes = getattr(dataset, "class_names", None)
+    if found_classes is not None and len(found_classes) != final.num_classes:
+        raise ConfigError(
+            "mdm.model.num_classes",
+            f"is {final.num_classes} but {config.data.path} has {len(found_classes)} class folders",
+        )
+    position = per_rank(saved, "data", runtime) if saved else None
+    stream = BatchStream(
+        dataset, config.data, runtime.rank, runtime.world_size, config.seed,
+        DataPosition.from_dict(position) if position else None, pin_memory=device.type == "cuda",
+    )
+    conditioner = BatchConditioner(config.mdm, device, config.data.embedding_cache)
+    monitor = RunMonitor(
+        out_dir, runtime.is_main, config.logging.tensorboard, config.logging.progress and not quiet, last_step, step,
+        quiet,
+    )
+    use_bf16 = config.optim.precision == "bf16" or (
+        config.optim.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if damaged and runtime.is_main:  # said even under --quiet: the run goes back in time
+        for path, reason in damaged:
+            print(f"warning: skipped the damaged checkpoint {path} ({reason})", file=sys.stderr)
+        fallback = start.name if start else "none: starting from scratch"
+        print(f"warning: resuming from the newest intact checkpoint: {fallback}", file=sys.stderr)
+    monitor.message(
+        f"training on {device} x {runtime.world_size} process(es), {'bf16' if use_bf16 else 'fp32'}, "
+        f"steps {step}..{last_step} of {bounds[-1]}" + (f", resumed from {start}" if start else "")
+    )
+    # Everything that may draw from the global generators (text encoder construction, ...) is done:
+    # seed them now, or restore them from the checkpoint (they drive dropout layers).
+    rng = per_rank(saved, "rng", runtime) if saved else None
+    if rng is not None:
+        restore_rng_state(rng)
+    else:
+        seed_everything(config.seed * 1000 + runtime.rank)
+    return Run(
+        config, out_dir, runtime, max_steps, saved, start, step, saved["stage"] if saved else 0,
+        saved["samples_seen"] if saved else 0, ended, faults, stream, conditioner, config.logging.sample_prompts,
+        monitor, use_bf16, config.distributed == "fsdp" and runtime.distributed,
+        TrainResult(step, saved["stage"] if saved else 0, None, start),
+    )
+
+
+@dataclass
+class Stage:
+    """One stage in training: its model, EMA, optimizer and the running state of its steps."""
+
+    index: int
+    config: StageConfig
+    mdm: MDMConfig
+    start: int  # global step at which the stage starts
+    end: int  # ... and ends (its plateau may end it sooner)
+    model: NestedUNet
+    ema_model: NestedUNet
+    wrapped: torch.nn.Module  # the model under DDP / FSDP
+    forward: torch.nn.Module  # `wrapped`, compiled when optim.compile
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    base_lr: float
+    warmup: int
+    schedule: PyramidSchedule
+    batch_size: int
+    parameters: list[torch.nn.Parameter]
+    window: LossWindow
+    plateau: PlateauTracker | None = None
+    held_out: list[dict] | None = None
+    saved_at: int = -1
+    previewed_at: int = -1
+    nonfinite_in_a_row: int = 0
+    lr: float = 0.0
+    tick: float = field(default_factory=time.perf_counter)
+
+    @property
+    def level_names(self) -> list[str]:
+        return [f"loss/{size}px" for size in self.mdm.model.sizes]
+
+
+def open_stage(run: Run, stage_index: int) -> Stage:
+    """The stage's model: the last stage's nested into new outer levels (or a given inner model), or the
+    stage as the checkpoint being resumed left it; its EMA and optimizer."""
+    config, device = run.config, run.device
+    stage = config.stages[stage_index]
+    bounds = run.bounds
+    mdm = stage_mdm_config(config, stage_index)
+    resuming = run.resumes(stage_index)
+    if resuming:
+        model, ema_model = NestedUNet(mdm.model), NestedUNet(mdm.model)  # weights loaded below
+    else:
+        model, ema_model = initial_models(config, stage_index, run.previous)
+    if config.optim.gradient_checkpointing:
+        model.set_gradient_checkpointing(True)
+    memory_format = torch.channels_last if config.optim.channels_last else torch.preserve_format
+    model.to(device, memory_format=memory_format)
+    ema_model.to(device, memory_format=memory_format)
+    wrapped = distributed.wrap(model, config.distributed, run.runtime)
+    # The compiled module shares `wrapped`'s weights; clipping, the optimizer and checkpoints use `wrapped`.
+    forward = torch.compile(wrapped) if config.optim.compile else wrapped
+    if run.sharded:
+        distributed.shard(ema_model)
+    ema = EMA(ema_model, config.ema.decay, config.ema.warmup)
+    base_lr = stage.lr if stage.lr is not None else config.optim.lr
+    warmup = stage.warmup_steps if stage.warmup_steps is not None else config.optim.warmup_steps
+    optimizer = make_optimizer(wrapped.parameters(), config.optim, base_lr, device, run.sharded)
+    if resuming:
+        distributed.load_full_state_dict(wrapped, read_tensors(run.start, "model"))
+        distributed.load_full_state_dict(ema_model, read_tensors(run.start, "ema"))
+        optimizer_state = join_optimizer_state(read_tensors(run.start, "optimizer"), run.saved["optimizer"])
+        distributed.load_optimizer_state(wrapped, optimizer, optimizer_state)
+        ema.num_updates = run.saved["ema_updates"]
+        run.start = None
+    schedule = PyramidSchedule.from_config(mdm.diffusion, mdm.model.scales).to(device)
+    run.monitor.message(
+        f"stage {stage_index + 1}/{len(config.stages)}: levels {mdm.model.sizes} px, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"steps {bounds[stage_index]}..{bounds[stage_index + 1]}"
+    )
+    wrapped.train()
+    result = Stage(
+        stage_index, stage, mdm, bounds[stage_index], bounds[stage_index + 1], model, ema_model, wrapped, forward, ema,
+        optimizer, base_lr, warmup, schedule, stage.batch_size or config.data.batch_size,
+        list(wrapped.parameters()),  # once per stage: walking the module tree costs time every step
+        LossWindow(mdm.model.num_levels, device),
+    )
+    if stage.end_on_plateau is not None:
+        result.plateau = PlateauTracker.from_dict(stage.end_on_plateau, run.saved.get("plateau") if resuming else None)
         final = config.mdm.model
-        faults = FaultCounter(config.data.max_failure_ratio, config.data.min_samples)
-        dataset = build_dataset(
-            config.data, final.image_size, final.in_channels, runtime.rank, runtime.world_size, config.seed, faults,
-            num_frames=final.num_frames,
+        result.held_out = held_out_items(
+            config.data, final.image_size, final.in_channels, final.num_frames, config.seed,
+            stage.end_on_plateau.batch_size,
         )
-        found_classes = getattr(dataset, "class_names", None)
-        if found_classes is not None and len(found_classes) != final.num_classes:
-            raise ConfigError(
-                "mdm.model.num_classes",
-                f"is {final.num_classes} but {config.data.path} has {len(found_classes)} class folders",
+    return result
+
+
+def optimizer_step(run: Run, stage: Stage) -> bool:
+    """One optimizer step: the micro-batches' multi-resolution loss and gradients, clipping, and the update
+    and EMA update if the loss and gradients are finite on every rank. Returns whether they were."""
+    config, device, runtime = run.config, run.device, run.runtime
+    final = config.mdm.model
+    stage.lr = learning_rate(
+        run.step - stage.start, stage.config.steps, stage.base_lr, stage.warmup, config.optim.schedule,
+        config.optim.min_lr_ratio,
+    )
+    for group in stage.optimizer.param_groups:
+        group["lr"] = stage.lr
+    local_batch = stage.batch_size // runtime.world_size
+    step_loss = torch.zeros((), device=device)  # only to test it for NaN/inf
+    for micro in range(config.optim.grad_accum):
+        try:
+            batch = run.stream.next(stage.batch_size)
+        except DataFaultError:  # from a DataLoader worker, its message wrapped in the worker's traceback
+            run.faults.check()  # the counts are shared: the same verdict, with the plain message
+            raise
+        if run.preview_prompts is None:
+            run.preview_prompts = batch["caption"][: max(1, config.logging.sample_count)]
+        first = run.samples_seen + runtime.rank * local_batch
+        images = batch["image"]
+        if stage.config.frames_as_images and images.ndim == 5:
+            images = one_frame_each(images, first)
+        draws = draw(
+            list(range(first, first + local_batch)), stage.mdm.model.level_shapes(images=images.ndim == 4),
+            stage.schedule.num_train_steps, config.data.cond_dropout if run.conditioner.conditional else 0.0,
+            config.seed, device,
+        )
+        conditioning = run.conditioner(batch["label"], batch["caption"], draws.drop)
+        with distributed.gradient_sync(stage.wrapped, micro == config.optim.grad_accum - 1):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+                loss = diffusion_loss(
+                    stage.forward, images.to(device, non_blocking=True), final.scales, draws.t, draws.noise,
+                    conditioning, stage.schedule, stage.mdm.diffusion, config.optim.channels_last,
+                    time_scales=final.time_scales if images.ndim == 5 else None,
+                )
+            (loss.mean() / config.optim.grad_accum).backward()
+        step_loss += loss.mean().detach().float()
+        run.samples_seen += stage.batch_size
+        stage.window.add(loss)
+    grad_norm = torch.nn.utils.clip_grad_norm_(stage.parameters, config.optim.grad_clip or math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    # A NaN/inf loss or gradient on any rank skips the step whole (weights, optimizer state and EMA untouched).
+    # A NaN loss can come with finite gradients (a NaN term that does not depend on the weights), so both
+    # are tested; summed, in one sync (and one all-reduce under torchrun so that every rank decides alike).
+    finite = bool(torch.isfinite(distributed.mean_over_ranks(runtime, grad_norm.float() + step_loss)))
+    if finite:
+        stage.optimizer.step()
+        stage.nonfinite_in_a_row = 0
+    else:  # bf16 overflow, a bad sample: skip the update, keep going (up to a limit)
+        stage.window.skipped += 1
+        stage.nonfinite_in_a_row += 1
+    stage.optimizer.zero_grad(set_to_none=True)
+    if finite:
+        stage.ema.update(stage.model)
+    run.step += 1
+    if stage.nonfinite_in_a_row >= config.optim.max_nonfinite_steps:
+        raise NonFiniteLossError(
+            f"stopped at step {run.step}: the loss or its gradients were NaN/inf in {stage.nonfinite_in_a_row} steps "
+            f"in a row (steps {run.step - stage.nonfinite_in_a_row + 1}..{run.step}, optim.max_nonfinite_steps="
+            f"{config.optim.max_nonfinite_steps}); none of them was applied, so the last checkpoint ("
+            f"{run.result.checkpoint or 'none yet'}) holds clean weights. Check the data, lower the learning rate, "
+            "or train in fp32."
+        )
+    if finite:  # summed on the device: reading it now would wait for the optimizer step
+        stage.window.grad_norm += grad_norm.detach().float()
+    stage.window.steps += 1
+    return finite
+
+
+def after_step(run: Run, stage: Stage) -> bool:
+    """Logs, the plateau test, previews and checkpoints due at this step; True when the stage ends here."""
+    config, step = run.config, run.step
+    ends_here = False
+    if step % config.logging.every == 0 or step in (stage.end, run.last_step):
+        elapsed = time.perf_counter() - stage.tick
+        stage.tick = time.perf_counter()
+        images_per_step = stage.batch_size * config.optim.grad_accum
+        scalars = stage.window.summary(run.runtime, stage.level_names, elapsed, images_per_step)
+        scalars["lr"] = stage.lr
+        scalars.update(fault_scalars(run.faults))
+        run.faults.check()
+        run.monitor.scalars(step, scalars, {"stage": stage.index, "epoch": run.stream.position.epoch})
+        run.monitor.advance(step, {"loss": f"{scalars['loss']:.4f}", "stage": str(stage.index + 1)})
+        run.result.losses = scalars
+        stage.window = LossWindow(stage.mdm.model.num_levels, run.device)
+    else:
+        run.monitor.advance(step)
+    if stage.plateau is not None and stage.plateau.due(step - stage.start):
+        final = config.mdm.model
+        value = held_out_loss(
+            stage.ema_model, stage.held_out, stage.mdm, final.scales, stage.schedule, run.conditioner, config.seed,
+            run.device, time_scales=final.time_scales if final.num_frames else None,
+        )
+        run.monitor.scalars(step, {"held_out_loss": value}, {"stage": stage.index})
+        if stage.plateau.update(step - stage.start, value):
+            run.ended[stage.index] = step - stage.start
+            run.monitor.message(
+                f"stage {stage.index + 1} ends at step {step}: its held-out loss ({value:.5f}) has not improved on "
+                f"{stage.plateau.best:.5f} for {stage.plateau.stale} measurements"
             )
-        position = per_rank(saved, "data", runtime) if saved else None
-        stream = BatchStream(
-            dataset, config.data, runtime.rank, runtime.world_size, config.seed,
-            DataPosition.from_dict(position) if position else None, pin_memory=device.type == "cuda",
-        )
-        conditioner = BatchConditioner(config.mdm, device, config.data.embedding_cache)
-        preview_prompts = config.logging.sample_prompts
+            ends_here = True
+    if ends_here:
+        return True
+    if config.logging.sample_every and step % config.logging.sample_every == 0:
+        write_preview(run, stage)
+    if config.checkpoint.every and step % config.checkpoint.every == 0:
+        save_stage_checkpoint(run, stage)
+    return False
 
-        monitor = RunMonitor(
-            out_dir, runtime.is_main, config.logging.tensorboard, config.logging.progress and not quiet, last_step,
-            step, quiet,
-        )
-        use_bf16 = config.optim.precision == "bf16" or (
-            config.optim.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-        )
-        sharded = config.distributed == "fsdp" and runtime.distributed
-        if damaged and runtime.is_main:  # said even under --quiet: the run goes back in time
-            for path, reason in damaged:
-                print(f"warning: skipped the damaged checkpoint {path} ({reason})", file=sys.stderr)
-            fallback = start.name if start else "none: starting from scratch"
-            print(f"warning: resuming from the newest intact checkpoint: {fallback}", file=sys.stderr)
-        monitor.message(
-            f"training on {device} x {runtime.world_size} process(es), {'bf16' if use_bf16 else 'fp32'}, "
-            f"steps {step}..{last_step} of {bounds[-1]}" + (f", resumed from {start}" if start else "")
-        )
 
-        # Everything that may draw from the global generators (text encoder construction, ...) is done:
-        # seed them now, or restore them from the checkpoint (they drive dropout layers).
-        rng = per_rank(saved, "rng", runtime) if saved else None
-        if rng is not None:
-            restore_rng_state(rng)
-        else:
-            seed_everything(config.seed * 1000 + runtime.rank)
+def close_stage(run: Run, stage: Stage) -> None:
+    """The end of a stage (or of the run): checkpoint, export DIR/model, preview, and keep its weights for
+    the next stage to nest."""
+    run.result.step, run.result.stage = run.step, stage.index
+    run.result.model, run.result.ema_model = stage.model, stage.ema_model
+    if stage.saved_at != run.step:
+        save_stage_checkpoint(run, stage)
+    run.result.model_dir = export_model(run.out_dir, stage.index, run.step, stage.ema_model, stage.mdm, run.runtime)
+    if stage.previewed_at != run.step:
+        write_preview(run, stage)
+    run.previous = (
+        distributed.full_state_dict(stage.wrapped), distributed.full_state_dict(stage.ema_model), stage.config.levels
+    )
 
-        result = TrainResult(step, first_stage, None, start)
-        previous: tuple[dict, dict, int] | None = None  # (weights, EMA weights, levels) of the last stage
-        for stage_index in range(first_stage, len(config.stages)):
-            stage = config.stages[stage_index]
-            bounds = config.stage_bounds(ended)  # an earlier stage may have ended on its plateau
-            last_step = bounds[-1] if max_steps is None else min(bounds[-1], max_steps)
-            stage_start, stage_end = bounds[stage_index], bounds[stage_index + 1]
-            mdm = stage_mdm_config(config, stage_index)
-            resuming = saved is not None and start is not None and stage_index == saved["stage"]
-            if resuming and step >= min(stage_end, last_step):  # the checkpoint closed this stage (or the run)
-                previous = (read_tensors(start, "model"), read_tensors(start, "ema"), stage.levels)
-                # Its export came after it, so a run killed in between left that unfinished: export again.
-                result.model_dir = export_weights(out_dir, stage_index, step, previous[1], mdm, runtime)
-                start = None
-                continue
-            if step >= last_step:
-                break
 
-            # ------------------------------------------------------------ the stage's model
-            if resuming:
-                model, ema_model = NestedUNet(mdm.model), NestedUNet(mdm.model)  # weights loaded below
-            else:
-                model, ema_model = initial_models(config, stage_index, previous)
-            if config.optim.gradient_checkpointing:
-                model.set_gradient_checkpointing(True)
-            memory_format = torch.channels_last if config.optim.channels_last else torch.preserve_format
-            model.to(device, memory_format=memory_format)
-            ema_model.to(device, memory_format=memory_format)
-            wrapped = distributed.wrap(model, config.distributed, runtime)
-            # The compiled module shares `wrapped`'s weights; clipping, the optimizer and checkpoints use `wrapped`.
-            forward = torch.compile(wrapped) if config.optim.compile else wrapped
-            if sharded:
-                distributed.shard(ema_model)
-            ema = EMA(ema_model, config.ema.decay, config.ema.warmup)
-            base_lr = stage.lr if stage.lr is not None else config.optim.lr
-            warmup = stage.warmup_steps if stage.warmup_steps is not None else config.optim.warmup_steps
-            optimizer = make_optimizer(wrapped.parameters(), config.optim, base_lr, device, sharded)
-            if resuming:
-                distributed.load_full_state_dict(wrapped, read_tensors(start, "model"))
-                distributed.load_full_state_dict(ema_model, read_tensors(start, "ema"))
-                optimizer_state = join_optimizer_state(read_tensors(start, "optimizer"), saved["optimizer"])
-                distributed.load_optimizer_state(wrapped, optimizer, optimizer_state)
-                ema.num_updates = saved["ema_updates"]
-                start = None
-            schedule = PyramidSchedule.from_config(mdm.diffusion, mdm.model.scales).to(device)
-            batch_size = stage.batch_size or config.data.batch_size
-            local_batch = batch_size // runtime.world_size
-            level_names = [f"loss/{size}px" for size in mdm.model.sizes]
-            monitor.message(
-                f"stage {stage_index + 1}/{len(config.stages)}: levels {mdm.model.sizes} px, "
-                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, steps {stage_start}..{stage_end}"
-            )
-            wrapped.train()
-            parameters = list(wrapped.parameters())  # once per stage: walking the module tree costs ~1 ms
-            window = LossWindow(len(level_names), device)
-            plateau, held_out = None, None
-            if stage.end_on_plateau is not None:
-                plateau = PlateauTracker.from_dict(stage.end_on_plateau, saved.get("plateau") if resuming else None)
-                held_out = held_out_items(
-                    config.data, final.image_size, final.in_channels, final.num_frames, config.seed,
-                    stage.end_on_plateau.batch_size,
-                )
-            saved_at = previewed_at = -1
-            nonfinite_in_a_row = 0
-            tick = time.perf_counter()
-
-            # ------------------------------------------------------------ the steps of the stage
-            while step < min(stage_end, last_step):
-                lr = learning_rate(
-                    step - stage_start, stage.steps, base_lr, warmup, config.optim.schedule, config.optim.min_lr_ratio
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                step_loss = torch.zeros((), device=device)  # only to test it for NaN/inf
-                for micro in range(config.optim.grad_accum):
-                    try:
-                        batch = stream.next(batch_size)
-                    except DataFaultError:  # from a DataLoader worker, its message wrapped in the worker's traceback
-                        faults.check()  # the counts are shared: the same verdict, with the plain message
-                        raise
-                    if preview_prompts is None:
-                        preview_prompts = batch["caption"][: max(1, config.logging.sample_count)]
-                    first = samples_seen + runtime.rank * local_batch
-                    images = batch["image"]
-                    if stage.frames_as_images and images.ndim == 5:
-                        images = one_frame_each(images, first)
-                    draws = draw(
-                        list(range(first, first + local_batch)), mdm.model.level_shapes(images=images.ndim == 4),
-                        schedule.num_train_steps, config.data.cond_dropout if conditioner.conditional else 0.0,
-                        config.seed, device,
-                    )
-                    conditioning = conditioner(batch["label"], batch["caption"], draws.drop)
-                    with distributed.gradient_sync(wrapped, micro == config.optim.grad_accum - 1):
-                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                            loss = diffusion_loss(
-                                forward, images.to(device, non_blocking=True), final.scales, draws.t,
-                                draws.noise, conditioning, schedule, mdm.diffusion, config.optim.channels_last,
-                                time_scales=final.time_scales if images.ndim == 5 else None,
-                            )
-                        (loss.mean() / config.optim.grad_accum).backward()
-                    step_loss += loss.mean().detach().float()
-                    samples_seen += batch_size
-                    window.add(loss)
-                grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.optim.grad_clip or math.inf)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                # A NaN/inf loss or gradient on any rank skips the step whole (weights, optimizer state and
-                # EMA untouched). A NaN loss can come with finite gradients (a NaN term that does not depend
-                # on the weights), so both are tested; summed, in one sync (and one all-reduce under torchrun
-                # so that every rank decides alike).
-                finite = bool(torch.isfinite(distributed.mean_over_ranks(runtime, grad_norm.float() + step_loss)))
-                if finite:
-                    optimizer.step()
-                    nonfinite_in_a_row = 0
-                else:  # bf16 overflow, a bad sample: skip the update, keep going (up to a limit)
-                    window.skipped += 1
-                    nonfinite_in_a_row += 1
-                optimizer.zero_grad(set_to_none=True)
-                if finite:
-                    ema.update(model)
-                step += 1
-                if nonfinite_in_a_row >= config.optim.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"stopped at step {step}: the loss or its gradients were NaN/inf in {nonfinite_in_a_row} "
-                        f"steps in a row (steps {step - nonfinite_in_a_row + 1}..{step}, optim.max_nonfinite_steps="
-                        f"{config.optim.max_nonfinite_steps}); none of them was applied, so the last checkpoint ("
-                        f"{result.checkpoint or 'none yet'}) holds clean weights. Check the data, lower the learning "
-                        "rate, or train in fp32."
-                    )
-                if finite:  # summed on the device: reading it now would wait for the optimizer step
-                    window.grad_norm += grad_norm.detach().float()
-                window.steps += 1
-
-                if step % config.logging.every == 0 or step in (stage_end, last_step):
-                    elapsed = time.perf_counter() - tick
-                    tick = time.perf_counter()
-                    scalars = window.summary(runtime, level_names, elapsed, batch_size * config.optim.grad_accum)
-                    scalars["lr"] = lr
-                    scalars.update(fault_scalars(faults))
-                    faults.check()
-                    monitor.scalars(step, scalars, {"stage": stage_index, "epoch": stream.position.epoch})
-                    monitor.advance(step, {"loss": f"{scalars['loss']:.4f}", "stage": str(stage_index + 1)})
-                    result.losses = scalars
-                    window = LossWindow(len(level_names), device)
-                else:
-                    monitor.advance(step)
-                if plateau is not None and plateau.due(step - stage_start):
-                    value = held_out_loss(
-                        ema_model, held_out, mdm, final.scales, schedule, conditioner, config.seed, device,
-                        time_scales=final.time_scales if final.num_frames else None,
-                    )
-                    monitor.scalars(step, {"held_out_loss": value}, {"stage": stage_index})
-                    if plateau.update(step - stage_start, value):
-                        ended[stage_index] = step - stage_start
-                        monitor.message(
-                            f"stage {stage_index + 1} ends at step {step}: its held-out loss ({value:.5f}) has not "
-                            f"improved on {plateau.best:.5f} for {plateau.stale} measurements"
-                        )
-                        break
-                if config.logging.sample_every and step % config.logging.sample_every == 0:
-                    write_preview(out_dir, step, ema_model, mdm, schedule, conditioner, preview_prompts, config,
-                                  runtime, sharded, use_bf16, monitor)
-                    previewed_at = step
-                if config.checkpoint.every and step % config.checkpoint.every == 0:
-                    result.checkpoint = save_checkpoint(
-                        checkpoints, step, stage_index, samples_seen, wrapped, ema, optimizer, stream, config, runtime,
-                        progress_state(ended, plateau),
-                    )
-                    saved_at = step
-
-            # ------------------------------------------------------------ end of the stage (or of the run)
-            result.step, result.stage, result.model, result.ema_model = step, stage_index, model, ema_model
-            if saved_at != step:
-                result.checkpoint = save_checkpoint(
-                    checkpoints, step, stage_index, samples_seen, wrapped, ema, optimizer, stream, config, runtime,
-                    progress_state(ended, plateau),
-                )
-            result.model_dir = export_model(out_dir, stage_index, step, ema_model, mdm, runtime)
-            if previewed_at != step:
-                write_preview(out_dir, step, ema_model, mdm, schedule, conditioner, preview_prompts, config,
-                              runtime, sharded, use_bf16, monitor)
-            previous = (distributed.full_state_dict(wrapped), distributed.full_state_dict(ema_model), stage.levels)
-            del wrapped, forward, optimizer
-
-        if result.model_dir is None and (out_dir / "model").is_dir():
-            result.model_dir = out_dir / "model"
-        monitor.message(f"done at step {step}" + (f"; model in {result.model_dir}" if result.model_dir else ""))
-        if faults.report()["attempted"]:
-            monitor.message(fault_summary(faults))
-        monitor.close()
-        distributed.barrier(runtime)
-        return result
-    finally:
-        distributed.cleanup(runtime)
+def save_stage_checkpoint(run: Run, stage: Stage) -> None:
+    run.result.checkpoint = save_checkpoint(
+        run.checkpoints, run.step, stage.index, run.samples_seen, stage.wrapped, stage.ema, stage.optimizer,
+        run.stream, run.config, run.runtime, progress_state(run.ended, stage.plateau),
+    )
+    stage.saved_at = run.step
 
 
 # ------------------------------------------------------------------------------------------------
@@ -520,35 +643,33 @@ def export_weights(
     return export_model(out_dir, stage_index, step, ema_model, mdm, runtime)
 
 
-def write_preview(
-    out_dir: Path, step: int, ema_model: torch.nn.Module, mdm: MDMConfig, schedule: PyramidSchedule,
-    conditioner: BatchConditioner, prompts: list[str] | None, config: TrainConfig, runtime: distributed.Runtime,
-    sharded: bool, use_bf16: bool, monitor: RunMonitor | None = None,
-) -> None:
+def write_preview(run: Run, stage: Stage) -> None:
     """DIR/samples/step-XXXXXXX.png (+ .gif for video) from the EMA model (every rank takes part when it is
     sharded): one row per sample, labelled with its prompt or class, also logged to TensorBoard."""
+    config, runtime, step = run.config, run.runtime, run.step
+    stage.previewed_at = step
     count = config.logging.sample_count
-    if count == 0 or not (runtime.is_main or sharded):
+    if count == 0 or not (runtime.is_main or run.sharded):
         return
-    conditional, unconditional = conditioner.for_samples(count, prompts)
+    conditional, unconditional = run.conditioner.for_samples(count, run.preview_prompts)
     device = runtime.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
         levels = sample_pyramid(
-            ema_model, mdm.diffusion, schedule, conditional, unconditional, count, config.logging.sample_steps,
-            config.logging.sample_guidance, config.seed, device,
+            stage.ema_model, stage.mdm.diffusion, stage.schedule, conditional, unconditional, count,
+            config.logging.sample_steps, config.logging.sample_guidance, config.seed, device,
         )
     if runtime.is_main:
         grid = pyramid_grid(levels)
-        labels = preview_labels(mdm, count, prompts)
+        labels = preview_labels(stage.mdm, count, run.preview_prompts)
         if labels is not None:
             grid = label_rows(grid, labels, scale=2)
-        save_grid(grid, out_dir / "samples" / f"step-{step:07d}.png")
-        if monitor is not None:
-            monitor.image("samples", grid, step)
+        save_grid(grid, run.out_dir / "samples" / f"step-{step:07d}.png")
+        run.monitor.image("samples", grid, step)
         if levels[0].ndim == 5:  # video: the top level also as an animation
             from matryoshka.video import save_video, tile_videos
 
-            save_video(tile_videos(levels[0].float().cpu()), out_dir / "samples" / f"step-{step:07d}.gif", upscale=2)
+            path = run.out_dir / "samples" / f"step-{step:07d}.gif"
+            save_video(tile_videos(levels[0].float().cpu()), path, upscale=2)
 
 
 # ------------------------------------------------------------------------------------------------
