@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = command_parser.parse_args(argv[1:])
     if name in KEEP_FREED_MEMORY:
         # The command owns the process: keep freed CPU memory for reuse (no page faults on every
-        # sampling step's fresh activations: 1.15-1.25x faster CPU sampling). `train` follows its config's
+        # sampling step's fresh activations; BENCHMARKS.md, "Performance"). `train` follows its config's
         # optim.keep_freed_memory instead.
         from matryoshka.cpu_allocator import keep_freed_memory
 

@@ -4,8 +4,8 @@ A training step of the tiny presets allocates and frees about 90 MB of activatio
 glibc's malloc serves each of the larger blocks with its own `mmap` and hands it back with `munmap` on
 free (its threshold adapts, but the step's mix of sizes keeps pushing blocks over it, and it trims the
 heap's free top as well), so the next step touches fresh pages again: 19,000-23,000 minor page faults
-per fp32 step; keeping the memory makes CPU training steps and sampling calls 1.15-1.25x faster
-(BENCHMARKS.md, "Performance"). Two `mallopt` settings stop
+per fp32 step; keeping the memory makes CPU training steps and sampling calls faster (the figures are
+in BENCHMARKS.md, "Performance"). Two `mallopt` settings stop
 that: blocks up to 32 MB come from the heap, and freed heap memory is kept for reuse instead of being
 returned to the operating system. The price is that the process keeps its peak heap (the step's peak is
 reached again at the next step anyway).

@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--channels-last", action="store_true",
-        help="run the network's convolutions channels-last (same images; about 1.13x faster on a CPU)",
+        help="run the network's convolutions channels-last (same images; faster on a CPU, see BENCHMARKS.md)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or messages, errors only")
     parser.add_argument("--fps", type=float, default=8.0, help="video models: frames per second (default 8)")

@@ -55,9 +55,8 @@ def attention(
 
     q (N, heads, L, d), k and v (N, heads, S, d), mask broadcastable to (N, heads, L, S), True = attend.
     The CPU's bf16/fp16 attention kernels are slower than its fp32 ones unless there are many keys
-    (forward + backward: 2-7x slower at S <= 256 with small heads, 1.1-1.4x faster from S = 1024 on;
-    benchmarks/attention_kernels.py, BENCHMARKS.md "Performance"), so under CPU autocast such
-    attention runs in float32 (the convolutions, where bf16 pays, do not). On CUDA the low-precision
+    (benchmarks/attention_kernels.py; the figures are in BENCHMARKS.md, "Performance"), so under CPU
+    autocast such attention runs in float32 (the convolutions, where bf16 pays, do not). On CUDA the low-precision
     kernels are the fast ones.
     """
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-2] < 1024:
@@ -71,10 +70,9 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm that normalises channels-last bf16/fp16 CPU activations in float32.
 
     Same parameters and result as nn.GroupNorm. torch's CPU GroupNorm is fast for channels-first
-    tensors of any dtype and for channels-last float32 ones, but its channels-last bf16 kernel is 6-14x
-    slower than the channels-first one (forward + backward, 16-64 channels, 8 groups); that alone made
-    channels_last lose under bf16 autocast although its convolutions are 1.2-1.6x faster. The output
-    keeps the input's dtype.
+    tensors of any dtype and for channels-last float32 ones, but its channels-last bf16 kernel is much
+    slower than the channels-first one (BENCHMARKS.md, "Performance"); that alone made channels_last
+    lose under bf16 autocast although its convolutions are faster. The output keeps the input's dtype.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -103,8 +103,8 @@ class OptimConfig:
     # disk, so a rerun of the same model compiles in seconds). Previews and exports stay eager.
     compile: bool = False
     # CPU runs: make glibc's malloc keep freed memory for the next step instead of returning it to the
-    # system (matryoshka.cpu_allocator): no page faults on every step's fresh activations, 1.1-1.2x
-    # faster CPU steps. The process keeps its peak heap.
+    # system (matryoshka.cpu_allocator): no page faults on every step's fresh activations (faster CPU
+    # steps, BENCHMARKS.md "Performance"). The process keeps its peak heap.
     keep_freed_memory: bool = True
 
     def validate(self) -> None:

@@ -13,8 +13,8 @@ from matryoshka.training.config import OptimConfig
 def make_optimizer(
     parameters: Iterable[torch.nn.Parameter], config: OptimConfig, lr: float, device: torch.device, sharded: bool
 ) -> torch.optim.AdamW:
-    """AdamW with the fused kernel on CUDA and CPU (the CPU one is ~3x faster than foreach, which on the
-    CPU loops over the tensors) and the foreach one elsewhere and for sharded models."""
+    """AdamW with the fused kernel on CUDA and CPU (on the CPU foreach loops over the tensors; BENCHMARKS.md
+    compares them) and the foreach one elsewhere and for sharded models."""
     choice = config.implementation
     if choice == "auto":
         choice = "fused" if device.type in ("cuda", "cpu") and not sharded else "foreach"
