@@ -17,3 +17,17 @@ def run_sampler(denoiser, noise, schedule, timesteps, *, method: str = "ddim", e
     scheduler.set_timesteps(None, schedule, prediction=prediction, threshold=threshold_kind, timesteps=timesteps)
     return sampling.sample(denoiser, noise, scheduler, generator=generator, callback=callback, progress=progress,
                            replace_levels=replace_levels)
+
+
+def random_model(config, seed: int = 0, scale: float = 0.2):
+    """A NestedUNet whose zero-initialised layers are made non-zero, so every input changes the output."""
+    import torch
+
+    from matryoshka.models import NestedUNet
+
+    torch.manual_seed(seed)
+    model = NestedUNet(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn_like(parameter))
+    return model.eval()

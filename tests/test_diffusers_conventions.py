@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import random_model
 from matryoshka.conditioning.testing import make_tiny_t5
 from matryoshka.diffusion import DiffusionConfig
 from matryoshka.model_dir import MDMConfig, save_model_dir
-from matryoshka.models import LevelConfig, ModelConfig, NestedUNet
+from matryoshka.models import LevelConfig, ModelConfig
 from matryoshka.pipeline import MatryoshkaPipeline, available_samplers
 from matryoshka.schedulers import (
     SCHEDULERS,
@@ -27,15 +28,6 @@ from matryoshka.schedulers import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 STEPS = 4
-
-
-def random_model(config: ModelConfig, seed: int = 0) -> NestedUNet:
-    torch.manual_seed(seed)
-    model = NestedUNet(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
-    return model.eval()
 
 
 def levels(text: bool) -> list[LevelConfig]:

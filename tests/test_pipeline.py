@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import random_model
 from matryoshka import cli
 from matryoshka.commands.generate import level_path
 from matryoshka.conditioning.testing import make_tiny_t5
 from matryoshka.diffusion import DiffusionConfig
 from matryoshka.model_dir import MDMConfig, save_model_dir
-from matryoshka.models import LevelConfig, ModelConfig, NestedUNet
+from matryoshka.models import LevelConfig, ModelConfig
 from matryoshka.pipeline import MatryoshkaPipeline, available_samplers
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ml-mdm" / "nested_tiny"
@@ -35,16 +36,6 @@ def tiny_model_config(text_dim: int = 0, num_classes: int = 0, channels: int = 1
     )
     config.validate()
     return config
-
-
-def random_model(config: ModelConfig, seed: int = 0) -> NestedUNet:
-    """A NestedUNet whose zero-initialised layers are made non-zero, so every input changes the output."""
-    torch.manual_seed(seed)
-    model = NestedUNet(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Files written atomically: a reader sees the old content or the new, never half a file.
+"""Files written atomically (a reader sees the old content or the new, never half a file), and file digests.
 
 Every file the project writes that someone may read while it is being written, or that a killed process
 may leave behind (model directories, caches, previews, configs, downloads), goes through `atomic_path`:
@@ -8,6 +8,7 @@ the target; on any error the temporary file is removed and the target is untouch
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -33,6 +34,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
+    """The hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
@@ -43,4 +53,4 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         temporary.write_text(text, encoding="utf-8")
 
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "file_digest"]

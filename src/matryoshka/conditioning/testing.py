@@ -73,13 +73,9 @@ def make_tiny_t5(path: str | Path, seed: int = 0, d_model: int = TINY_T5_DIM) ->
         eos_token_id=TINY_T5_EOS_ID,
         decoder_start_token_id=TINY_T5_PAD_ID,
     )
-    generator_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream as it was
         torch.manual_seed(seed)
         model = T5EncoderModel(config)
-    finally:
-        # Leave the caller's random stream as it was.
-        torch.random.set_rng_state(generator_state)
     model.save_pretrained(path)
     return path
 
@@ -117,11 +113,8 @@ def make_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> Pat
                        "num_hidden_layers": 1, "num_attention_heads": 2},
         projection_dim=32,
     )
-    generator_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
     model.save_pretrained(path)
     return path

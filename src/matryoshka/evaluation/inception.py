@@ -23,7 +23,6 @@ Features are the 2048 channels after the final 8x8 average pool, returned as flo
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import warnings
 from collections.abc import Iterable
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from matryoshka.atomic import file_digest
 
 __all__ = [
     "FID_INPUT_SIZE",
@@ -83,11 +84,7 @@ def find_inception_weights() -> Path:
 
 
 def _sha1_of_file(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "sha1")
 
 
 def _legacy_bilinear_matrix(in_size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

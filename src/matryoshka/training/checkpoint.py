@@ -22,7 +22,6 @@ Nothing here unpickles: loading never executes code.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from matryoshka.atomic import atomic_write_text
+from matryoshka.atomic import atomic_write_text, file_digest
 
 LATEST = "latest"
 STATE_FILE = "state.json"
@@ -89,11 +88,7 @@ def is_complete(path: Path) -> bool:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def damage(path: Path) -> str | None:
