@@ -148,8 +148,8 @@ def pixels(outputs: list) -> list[list]:
 
 
 def test_server_refuses_bad_requests_and_keeps_serving(server):
-    # prompt, negative, steps, guidance, seed, sampler, images, guidance interval, rescale, autoguidance
-    good = ("a red sneaker", "", 3, 5.0, 1, "ddim", 2, "", 0, False)
+    # prompt, negative, steps, guidance, seed, sampler, images, guidance interval, rescale, autoguidance, LoRA
+    good = ("a red sneaker", "", 3, 5.0, 1, "ddim", 2, "", 0, False, 1.0)
     # (request, acceptable messages): gradio >= 6 checks slider/number/dropdown ranges itself before our
     # function runs (older gradio does not, and then our own check answers).
     refused = [
@@ -171,7 +171,7 @@ def test_server_refuses_bad_requests_and_keeps_serving(server):
     # NaN is not JSON, but the server's parser accepts the literal: our check must refuse it.
     posted = httpx.post(
         f"{server.url}gradio_api/call/generate", timeout=REQUEST_TIMEOUT_S,
-        content=b'{"data": ["shoe", "", 3, NaN, 1, "ddim", 1, "", 0, false]}',
+        content=b'{"data": ["shoe", "", 3, NaN, 1, "ddim", 1, "", 0, false, 1]}',
         headers={"content-type": "application/json"},
     )
     if posted.status_code == 200:
@@ -188,7 +188,7 @@ def test_server_refuses_bad_requests_and_keeps_serving(server):
 
 
 def test_concurrent_clients_get_their_own_images(server):
-    jobs = [("a bag", "", 3, 4.0, seed, "ddim", 1 + seed % 2, "", 0, False) for seed in range(4)]
+    jobs = [("a bag", "", 3, 4.0, seed, "ddim", 1 + seed % 2, "", 0, False, 1.0) for seed in range(4)]
     expected = {}
     for job in jobs:
         kind, outputs = call(server, *job)

@@ -88,13 +88,14 @@ class DemoRequest:
     guidance_interval: tuple[float, float] | None = None  # in sigma; None = every step
     guidance_rescale: float = 0.0
     autoguidance: bool = False  # guide with the demo's guide model instead of the unconditional branch
+    lora_scale: float = 1.0  # the weight of every LoRA adapter the demo serves (0 = the model without them)
 
 
 # What a request may carry, and the value a missing field takes (seed None: a random seed; steps, guidance
 # and sampler: the model's recommended settings, `config.sampling`).
 REQUEST_DEFAULTS: dict[str, Any] = {
     "prompt": "", "negative_prompt": "", "steps": 20, "guidance": 3.0, "seed": None, "sampler": "ddim",
-    "num_images": 1, "guidance_interval": "", "guidance_rescale": 0.0, "autoguidance": False,
+    "num_images": 1, "guidance_interval": "", "guidance_rescale": 0.0, "autoguidance": False, "lora_scale": 1.0,
 }
 
 
@@ -212,8 +213,9 @@ def validate_request(
         raise DemoRequestError(f"autoguidance must be true or false, got {autoguidance!r}")
     if autoguidance and guide is None:
         raise DemoRequestError("autoguidance needs a guide model: start the demo with --guide-model DIR")
+    lora_scale = _number(values["lora_scale"], "LoRA scale", 0.0, 2.0)
     return DemoRequest(prompt, negative_prompt, steps, guidance, seed, sampler, num_images, interval, rescale,
-                       autoguidance)
+                       autoguidance, lora_scale)
 
 
 def _number(value: Any, field: str, low: float, high: float) -> float:
@@ -295,6 +297,9 @@ def generate_request(
             on_step(state.index + 1, state.total, _to_unit_range(state.x0, scales))  # network calls
 
     with pipeline_lock(pipe):
+        adapters = _lora_names(pipe)
+        if adapters:  # under the lock: the scale is the pipeline's state for this request
+            pipe.set_adapters(adapters, [request.lora_scale] * len(adapters))
         started = time.perf_counter()
         output = pipe(
             **conditioning,
@@ -321,6 +326,8 @@ def generate_request(
         extras += f", rescale {request.guidance_rescale:g}"
     if request.autoguidance:
         extras += " (autoguidance)"
+    if _lora_names(pipe):
+        extras += f", LoRA scale {request.lora_scale:g}"
     info = (
         f"seed {request.seed} · {request.steps} {request.sampler} steps · guidance {request.guidance:g}{extras} · "
         f"{request.num_images} image(s) · levels {sizes} · {elapsed:.1f} s"
@@ -329,6 +336,14 @@ def generate_request(
 
 
 # ---- the page ----------------------------------------------------------------------------------------
+
+
+def _lora_names(pipe: MatryoshkaPipeline) -> list[str]:
+    if not any("lora_" in name for name, _ in pipe.model.named_parameters()):
+        return []
+    from matryoshka import lora
+
+    return lora.adapter_names(pipe.model)
 
 
 def display_image(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
@@ -439,7 +454,7 @@ def build_demo(
         prompt_label, prompt_hint = "Prompt (unconditional model: leave empty)", ""
 
     names = ("prompt", "negative_prompt", "steps", "guidance", "seed", "sampler", "num_images",
-             "guidance_interval", "guidance_rescale", "autoguidance")
+             "guidance_interval", "guidance_rescale", "autoguidance", "lora_scale")
 
     def serve(*values, progress=gr.Progress()):
         try:
@@ -497,6 +512,8 @@ def build_demo(
                         value=False, label="Autoguidance (guide with the weaker model)", elem_id="autoguidance",
                         visible=guide is not None,
                     )
+                    lora_scale = gr.Slider(0, 2, value=1, step=0.05, label="LoRA scale", elem_id="lora-scale",
+                                           visible=bool(_lora_names(pipe)))
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 info = gr.Textbox(label="Status", interactive=False, elem_id="info")
@@ -513,7 +530,8 @@ def build_demo(
                     )
                     for level, label in enumerate(labels)
                 ]
-        inputs = [prompt, negative, steps, guidance, seed, sampler, num_images, interval, rescale, autoguidance]
+        inputs = [prompt, negative, steps, guidance, seed, sampler, num_images, interval, rescale, autoguidance,
+                  lora_scale]
         outputs = [*galleries, info]
         gr.on(
             [button.click, prompt.submit], serve, inputs, outputs,

@@ -221,7 +221,9 @@ class MatryoshkaPipeline:
         sampling_defaults = replace(self.config.sampling, sampler=self.scheduler.config.name,
                                     eta=self.scheduler.config.eta)
         config = replace(self.config, sampling=sampling_defaults)
-        model = self.model if self.dtype == torch.float32 else _float32_copy(self.model)
+        model = self.model
+        if self.dtype != torch.float32 or _has_lora(self.model):  # plain float32 weights, adapters folded in
+            model = _plain_copy(self.model)
         path = save_model_dir(directory, model, config, card=card)
         if push_to_hub:
             from huggingface_hub import HfApi
@@ -258,6 +260,53 @@ class MatryoshkaPipeline:
         if memory_format is not None:
             self.model.to(memory_format=memory_format)
         return self
+
+    # ---- LoRA adapters (matryoshka.lora), as in diffusers ------------------------------------------------
+
+    def load_lora_weights(self, path: str | Path, adapter_name: str = "default", scale: float = 1.0) -> None:
+        """Add the LoRA adapter saved in `path` (a run's lora/ directory) under `adapter_name`, at `scale`;
+        several adapters add up (`set_adapters` chooses which and their weights)."""
+        from matryoshka import lora
+
+        lora.load_adapter(self.model, path, adapter_name, scale)
+        self.model.to(self.device)
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
+        """Which loaded adapters are active, and at what scale each."""
+        from matryoshka import lora
+
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights or 1.0] * len(names)
+        known = lora.adapter_names(self.model)
+        for name, weight in zip(names, weights, strict=True):
+            if name not in known:
+                raise ValueError(f"no adapter named {name!r} is loaded (loaded: {', '.join(known) or 'none'})")
+            lora.set_scale(self.model, name, weight)
+        lora.activate(self.model, names)
+
+    def get_active_adapters(self) -> list[str]:
+        from matryoshka import lora
+
+        layers = lora.lora_layers(self.model)
+        return sorted({name for layer in layers.values() for name in layer.active_adapters})
+
+    def fuse_lora(self) -> None:
+        """Fold the active adapters into the weights (sampling at the plain model's speed)."""
+        from matryoshka import lora
+
+        lora.fuse(self.model)
+
+    def unfuse_lora(self) -> None:
+        """Take fused adapters out of the weights again (exactly: the unfused weights were kept)."""
+        from matryoshka import lora
+
+        lora.unfuse(self.model)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the model is exactly what it was before `load_lora_weights`."""
+        from matryoshka import lora
+
+        lora.remove_adapters(self.model)
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         """tqdm options for the sampling bar (e.g. disable=True, desc="..."), as in diffusers."""
@@ -371,8 +420,9 @@ class MatryoshkaPipeline:
             noise drawn from the generator.
         prompt_embeds / negative_prompt_embeds: text states (B, S, D) (or TextEmbedding) instead of prompts,
             with their masks (B, S) (default: every token real); the negative default is the encoded "".
-        precision: "fp32", or "bf16": the network runs under bf16 autocast (the sampler's arithmetic stays
-            in float32); faster on GPUs and on CPUs with AVX512-BF16 (BENCHMARKS.md, "Performance").
+        precision: "fp32", "bf16" or "fp16": the network runs under that autocast (the sampler's arithmetic
+            stays in float32); faster on GPUs and on CPUs with AVX512-BF16 (BENCHMARKS.md, "Performance").
+            An fp16 call whose outputs overflow is run again in float32 (with a warning).
         guidance_interval: guide only while a level's noise level is inside it (Kynkaanniemi et al. 2024):
             a GuidanceInterval (bounds in sigma, log-SNR or t), a (low, high) tuple in sigma = sqrt((1 - g) / g)
             of the level's own shifted schedule, or one per level (None = always). Outside it a step runs
@@ -388,8 +438,8 @@ class MatryoshkaPipeline:
         num_inference_steps = recommended.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance_scale = recommended.guidance_scale if guidance_scale is None else guidance_scale
         scheduler = self._scheduler_for(sampler, eta)
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if num_images_per_prompt < 1:
@@ -448,8 +498,8 @@ class MatryoshkaPipeline:
             def denoiser(pyramid: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
                 return network(pyramid, t)
 
-        if precision == "bf16":
-            denoiser = _in_bf16(denoiser, self.device)
+        if precision != "fp32":
+            denoiser = _in_autocast(denoiser, self.device, torch.bfloat16 if precision == "bf16" else torch.float16)
 
         generator = self._generator(generator, batch)
         noise = self._initial_noise(latents, batch, generator)
@@ -660,10 +710,20 @@ def _in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> Callable[..., list[
     return run
 
 
-def _float32_copy(model: NestedUNet) -> NestedUNet:
-    """The network with float32 weights (what a model directory stores), the original untouched."""
+def _has_lora(model: torch.nn.Module) -> bool:
+    return any("lora_" in name for name, _ in model.named_parameters())
+
+
+def _plain_copy(model: NestedUNet) -> NestedUNet:
+    """The network as a model directory stores it: float32 weights, its active LoRA adapters folded in
+    (the original untouched)."""
+    state = model.state_dict()
+    if _has_lora(model):
+        from matryoshka.lora import merged_state_dict
+
+        state = merged_state_dict(model)
     copy = NestedUNet(model.config)
-    copy.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    copy.load_state_dict({k: v.float() for k, v in state.items()})
     return copy
 
 
@@ -698,13 +758,22 @@ def _as_intervals(value) -> GuidanceInterval | list[GuidanceInterval | None] | N
     raise TypeError(f"guidance_interval must be (low, high), a GuidanceInterval or one per level, got {value!r}")
 
 
-def _in_bf16(denoiser: sampling.Denoiser, device: torch.device) -> sampling.Denoiser:
-    """The denoiser under bf16 autocast, its predictions handed back in float32."""
+def _in_autocast(denoiser: sampling.Denoiser, device: torch.device, dtype: torch.dtype) -> sampling.Denoiser:
+    """The denoiser under bf16 / fp16 autocast, its predictions handed back in float32. fp16 can overflow
+    (the released 1024 px model does, ml-mdm issue 69): a call whose outputs are not finite is run again in
+    float32, with a warning, so no NaN image comes out of it."""
+    import warnings
 
     def run(pyramid: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            predictions = denoiser(pyramid, t)
-        return [p.float() for p in predictions]
+        with torch.autocast(device.type, dtype=dtype):
+            predictions = [p.float() for p in denoiser(pyramid, t)]
+        if dtype == torch.float16 and not all(bool(torch.isfinite(p).all()) for p in predictions):
+            warnings.warn(
+                f"fp16 overflowed at time {float(t.reshape(-1)[0]) + 1:g}: that step ran again in float32",
+                RuntimeWarning, stacklevel=2,
+            )
+            predictions = [p.float() for p in denoiser(pyramid, t)]
+        return predictions
 
     return run
 

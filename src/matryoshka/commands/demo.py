@@ -30,10 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page to the network)",
     )
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="bf16: the network under bf16 autocast (see `matryoshka generate --help`). Default fp32")
     parser.add_argument("--channels-last", action="store_true",
                         help="run the network's convolutions channels-last (same images; faster on a CPU)")
+    parser.add_argument("--lora", type=Path, metavar="DIR", action="append", default=[],
+                        help="a LoRA adapter directory to serve the model with (repeatable)")
+    parser.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
+                        help="the weight of each --lora (default 1)")
     parser.add_argument("--guide-model", type=Path, metavar="DIR", default=None,
                         help="a weaker model of the same levels for autoguidance (the page then offers it)")
     parser.add_argument("--max-steps", type=int, default=100, help="most sampling steps a request may ask for")
@@ -92,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         return fail("the demo needs gradio: pip install 'matryoshka-diffusion[demo]'")
     try:
         pipe = _load_pipeline(args)
+        from matryoshka.commands.generate import load_adapters
+
+        load_adapters(pipe, args.lora, args.lora_scale)
         guide = None
         if args.guide_model is not None:
             from matryoshka.commands.generate import resolve_model_dir

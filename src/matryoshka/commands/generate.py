@@ -57,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="guidance rescale phi in [0, 1] (as diffusers' guidance_rescale; default 0 = off)")
+    parser.add_argument("--lora", type=Path, metavar="DIR", action="append", default=[],
+                        help="a LoRA adapter directory (a run's lora/); repeat for several, they add up")
+    parser.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
+                        help="the weight of each --lora (default 1; one per --lora, in order)")
     parser.add_argument("--guide-model", type=Path, metavar="DIR", default=None,
                         help="autoguidance: guide with this weaker model directory (same levels and conditioning) "
                         "instead of the unconditional branch")
@@ -82,9 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="level the init image pins (0 = highest; default: the level of its size, else the core)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
-        "--precision", default="fp32", choices=["fp32", "bf16"],
-        help="bf16: run the network under bf16 autocast (faster on GPUs and CPUs with AVX512-BF16; images "
-        "differ slightly from fp32 ones). Default fp32",
+        "--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+        help="bf16 / fp16: run the network under that autocast (faster on GPUs and CPUs with AVX512-BF16; images "
+        "differ slightly from fp32 ones; an fp16 step that overflows runs again in fp32). Default fp32",
     )
     parser.add_argument(
         "--channels-last", action="store_true",
@@ -121,6 +125,16 @@ def _load_pipeline(args: argparse.Namespace):
     return MatryoshkaPipeline.from_pretrained(
         resolve_model_dir(args.model), device=args.device, text_encoder=args.text_encoder
     )
+
+
+def load_adapters(pipe, paths: list[Path], scales: list[float]) -> None:
+    """--lora DIR (repeatable) with its --lora-scale: each adapter loaded under its directory's name."""
+    if len(scales) > len(paths) or (scales and len(scales) != len(paths)):
+        raise UsageError(f"give one --lora-scale per --lora ({len(paths)}), got {len(scales)}")
+    for index, path in enumerate(paths):
+        if not (path / "adapter.yaml").is_file():
+            raise UsageError(f"--lora {path} is not a LoRA adapter directory (no adapter.yaml in it)")
+        pipe.load_lora_weights(path, adapter_name=f"lora{index}", scale=scales[index] if scales else 1.0)
 
 
 def resolve_model_dir(model: Path | None) -> Path:
@@ -168,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
             except (OSError, UnidentifiedImageError) as error:
                 raise ValueError(f"--init-image {args.init_image}: not a readable image ({error})") from None
         pipe = _load_pipeline(args)
+        load_adapters(pipe, args.lora, args.lora_scale)
         steps = args.steps if args.steps is not None else pipe.config.sampling.num_inference_steps
         if steps > pipe.schedule.num_train_steps:
             raise UsageError(

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from matryoshka.lora import LoRAConfig
 from matryoshka.model_dir import MDMConfig
 from matryoshka.typed_config import ConfigError, from_dict, require
 
@@ -95,7 +96,9 @@ class OptimConfig:
     # "auto": fused AdamW on CUDA and CPU, foreach elsewhere and for sharded (FSDP) models.
     implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
     # "auto": bf16 autocast on CUDA devices that support it, fp32 elsewhere; "bf16" also works on CPU.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # "fp16": float16 autocast with loss scaling (torch.amp.GradScaler, its state in every checkpoint), for
+    # GPUs without bf16 (V100, T4); a step whose scaled gradients overflow is skipped and the scale lowered.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = False
     gradient_checkpointing: bool = False  # recompute the outer bands' activations in the backward pass
     # torch.compile the network's training forward (and so its backward): fuses the element-wise work
@@ -156,6 +159,9 @@ class StageConfig:
     # ml-mdm checkpoint file (converted with matryoshka.interop.load_official). For a video model this may
     # be an image model: it is inflated (matryoshka.video.inflate_image_model).
     init_inner_from: str | None = None
+    # Start from a whole trained model (all of the stage's levels): fine-tuning. One of our model
+    # directories or an official ml-mdm checkpoint file; its levels must be exactly the stage's.
+    init_from: str | None = None
     # Automatic stage end (the paper's future work): `steps` becomes the maximum; the stage ends when the
     # EMA model's held-out loss stops improving. null = the stage runs all its steps.
     end_on_plateau: PlateauConfig | None = None
@@ -174,6 +180,10 @@ class StageConfig:
         require(self.lr is None or self.lr > 0, "lr", "must be positive")
         require(self.batch_size is None or self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(
+            self.init_from is None or self.init_inner_from is None, "init_from",
+            "starts the stage from a whole model; init_inner_from nests one inside it: give one of them",
+        )
 
 
 @dataclass
@@ -229,6 +239,9 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Under torchrun: "ddp" replicates the model on every rank; "fsdp" shards it (FSDP2 fully_shard).
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # Train LoRA adapters (matryoshka.lora) instead of the whole network: every stage's model gets them,
+    # its other weights are frozen; DIR/lora holds the adapter, DIR/model the model with it fused.
+    lora: LoRAConfig | None = None
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
     seed: int = 0
 
@@ -255,6 +268,10 @@ class TrainConfig:
             f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
         require(self.seed >= 0, "seed", "must be >= 0")
+        require(
+            self.lora is None or (len(self.stages) == 1 and self.stages[0].init_from is not None),
+            "lora", "adapts a trained model: give one stage, with init_from (the model to adapt)",
+        )
         video_data = self.data.dataset in VIDEO_DATASETS
         require(
             video_data == (self.mdm.model.num_frames > 0),

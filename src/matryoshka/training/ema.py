@@ -56,6 +56,9 @@ class EMA:
         live = list(model.parameters())
         if len(averaged) != len(live):
             raise ValueError(f"EMA holds {len(averaged)} parameters but the model has {len(live)}")
+        # Frozen parameters (a LoRA run's base weights) never move: their average is their value.
+        pairs = [(a, s) for a, s in zip(averaged, live, strict=True) if s.requires_grad]
+        averaged, live = [a for a, _ in pairs], [s for _, s in pairs]
         ema_owners = [(m, n) for m in self.module.modules() for n, _ in m.named_buffers(recurse=False)]
         live_owners = [(m, n) for m in model.modules() for n, _ in m.named_buffers(recurse=False)]
         buffers = [(e, m, n) for (e, n), (m, _) in zip(ema_owners, live_owners, strict=True)]

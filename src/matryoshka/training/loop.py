@@ -14,6 +14,7 @@ on exactly what an uninterrupted single-process run would have.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import sys
@@ -29,6 +30,7 @@ from matryoshka import pyramid as pyr
 from matryoshka.cpu_allocator import keep_freed_memory
 from matryoshka.data import DataFaultError, FaultCounter, label_rows
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
+from matryoshka.lora import LoRAConfig, add_adapter, freeze_all_but_adapters, merged_state_dict, save_adapter
 from matryoshka.losses import LossOutput, multi_resolution_loss, rows_per_level
 from matryoshka.model_dir import MDMConfig, save_model_dir
 from matryoshka.models import NestedUNet
@@ -125,7 +127,8 @@ class Run:
     conditioner: BatchConditioner
     preview_prompts: list[str] | None
     monitor: RunMonitor
-    use_bf16: bool
+    autocast_dtype: torch.dtype | None  # bf16 / fp16 mixed precision, or None (fp32)
+    scaler: torch.amp.GradScaler | None  # fp16's loss scaling
     sharded: bool
     result: TrainResult
     previous: tuple[dict, dict, int] | None = None  # (weights, EMA weights, levels) of the last stage
@@ -158,7 +161,9 @@ class Run:
         self.previous = (read_tensors(self.start, "model"), read_tensors(self.start, "ema"), stage.levels)
         mdm = stage_mdm_config(self.config, stage_index)
         ema_weights = self.previous[1]
-        self.result.model_dir = export_weights(self.out_dir, stage_index, self.step, ema_weights, mdm, self.runtime)
+        self.result.model_dir = export_weights(
+            self.out_dir, stage_index, self.step, ema_weights, mdm, self.runtime, self.config.lora
+        )
         self.start = None
         return True
 
@@ -218,16 +223,22 @@ def start_run(
         out_dir, runtime.is_main, config.logging.tensorboard, config.logging.progress and not quiet, last_step, step,
         quiet,
     )
-    use_bf16 = config.optim.precision == "bf16" or (
-        config.optim.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
+    precision = config.optim.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = None
+    if precision == "fp16":
+        scaler = torch.amp.GradScaler(device.type)
+        if saved is not None and saved.get("grad_scaler"):
+            scaler.load_state_dict(saved["grad_scaler"])
     if damaged and runtime.is_main:  # said even under --quiet: the run goes back in time
         for path, reason in damaged:
             print(f"warning: skipped the damaged checkpoint {path} ({reason})", file=sys.stderr)
         fallback = start.name if start else "none: starting from scratch"
         print(f"warning: resuming from the newest intact checkpoint: {fallback}", file=sys.stderr)
     monitor.message(
-        f"training on {device} x {runtime.world_size} process(es), {'bf16' if use_bf16 else 'fp32'}, "
+        f"training on {device} x {runtime.world_size} process(es), {precision}, "
         f"steps {step}..{last_step} of {bounds[-1]}" + (f", resumed from {start}" if start else "")
     )
     # Everything that may draw from the global generators (text encoder construction, ...) is done:
@@ -240,7 +251,7 @@ def start_run(
     return Run(
         config, out_dir, runtime, max_steps, saved, start, step, saved["stage"] if saved else 0,
         saved["samples_seen"] if saved else 0, ended, faults, stream, conditioner, config.logging.sample_prompts,
-        monitor, use_bf16, config.distributed == "fsdp" and runtime.distributed,
+        monitor, autocast_dtype, scaler, config.distributed == "fsdp" and runtime.distributed,
         TrainResult(step, saved["stage"] if saved else 0, None, start),
     )
 
@@ -287,10 +298,17 @@ def open_stage(run: Run, stage_index: int) -> Stage:
     bounds = run.bounds
     mdm = stage_mdm_config(config, stage_index)
     resuming = run.resumes(stage_index)
-    if resuming:
-        model, ema_model = NestedUNet(mdm.model), NestedUNet(mdm.model)  # weights loaded below
+    if resuming:  # weights loaded below
+        model, ema_model = _network(mdm, config.lora), _network(mdm, config.lora)
     else:
         model, ema_model = initial_models(config, stage_index, run.previous)
+        if config.lora is not None:  # B = 0: the adapted model starts exactly where the given one is
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed * 1000 + stage_index)
+                add_adapter(model, config.lora)
+            ema_model = copy.deepcopy(model)
+    if config.lora is not None:
+        freeze_all_but_adapters(model)
     if config.optim.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
     memory_format = torch.channels_last if config.optim.channels_last else torch.preserve_format
@@ -304,7 +322,8 @@ def open_stage(run: Run, stage_index: int) -> Stage:
     ema = EMA(ema_model, config.ema.decay, config.ema.warmup)
     base_lr = stage.lr if stage.lr is not None else config.optim.lr
     warmup = stage.warmup_steps if stage.warmup_steps is not None else config.optim.warmup_steps
-    optimizer = make_optimizer(wrapped.parameters(), config.optim, base_lr, device, run.sharded)
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]  # all of them, or a LoRA run's adapters
+    optimizer = make_optimizer(trainable, config.optim, base_lr, device, run.sharded)
     if resuming:
         distributed.load_full_state_dict(wrapped, read_tensors(run.start, "model"))
         distributed.load_full_state_dict(ema_model, read_tensors(run.start, "ema"))
@@ -322,7 +341,7 @@ def open_stage(run: Run, stage_index: int) -> Stage:
     result = Stage(
         stage_index, stage, mdm, bounds[stage_index], bounds[stage_index + 1], model, ema_model, wrapped, forward, ema,
         optimizer, base_lr, warmup, schedule, stage.batch_size or config.data.batch_size,
-        list(wrapped.parameters()),  # once per stage: walking the module tree costs time every step
+        trainable,  # once per stage: walking the module tree costs time every step
         LossWindow(mdm.model.num_levels, device),
     )
     if stage.end_on_plateau is not None:
@@ -367,28 +386,42 @@ def optimizer_step(run: Run, stage: Stage) -> bool:
         )
         conditioning = run.conditioner(batch["label"], batch["caption"], draws.drop)
         with distributed.gradient_sync(stage.wrapped, micro == config.optim.grad_accum - 1):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+            with torch.autocast(device.type, dtype=run.autocast_dtype or torch.float32,
+                                enabled=run.autocast_dtype is not None):
                 loss = diffusion_loss(
                     stage.forward, images.to(device, non_blocking=True), final.scales, draws.t, draws.noise,
                     conditioning, stage.schedule, stage.mdm.diffusion, config.optim.channels_last,
                     time_scales=final.time_scales if images.ndim == 5 else None,
                 )
-            (loss.mean() / config.optim.grad_accum).backward()
+            scaled = loss.mean() / config.optim.grad_accum
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
         step_loss += loss.mean().detach().float()
         run.samples_seen += stage.batch_size
         stage.window.add(loss)
+    if run.scaler is not None:
+        run.scaler.unscale_(stage.optimizer)  # clip and test the true gradients
     grad_norm = torch.nn.utils.clip_grad_norm_(stage.parameters, config.optim.grad_clip or math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     # A NaN/inf loss or gradient on any rank skips the step whole (weights, optimizer state and EMA untouched).
     # A NaN loss can come with finite gradients (a NaN term that does not depend on the weights), so both
     # are tested; summed, in one sync (and one all-reduce under torchrun so that every rank decides alike).
-    finite = bool(torch.isfinite(distributed.mean_over_ranks(runtime, grad_norm.float() + step_loss)))
+    checks = torch.stack([grad_norm.float(), step_loss])
+    grad_ok, loss_ok = torch.isfinite(distributed.mean_over_ranks(runtime, checks)).tolist()
+    finite = grad_ok and loss_ok
     if finite:
-        stage.optimizer.step()
+        if run.scaler is not None:
+            run.scaler.step(stage.optimizer)
+        else:
+            stage.optimizer.step()
         stage.nonfinite_in_a_row = 0
-    else:  # bf16 overflow, a bad sample: skip the update, keep going (up to a limit)
+    else:  # bf16/fp16 overflow, a bad sample: skip the update, keep going (up to a limit)
         stage.window.skipped += 1
-        stage.nonfinite_in_a_row += 1
+        # fp16 gradients that overflow at a finite loss are the loss scale's to fix (lowered just below);
+        # only a non-finite loss counts towards the limit then.
+        if run.scaler is None or not loss_ok:
+            stage.nonfinite_in_a_row += 1
+    if run.scaler is not None:
+        run.scaler.update(new_scale=None if finite else run.scaler.get_scale() * run.scaler.get_backoff_factor())
     stage.optimizer.zero_grad(set_to_none=True)
     if finite:
         stage.ema.update(stage.model)
@@ -455,7 +488,9 @@ def close_stage(run: Run, stage: Stage) -> None:
     run.result.model, run.result.ema_model = stage.model, stage.ema_model
     if stage.saved_at != run.step:
         save_stage_checkpoint(run, stage)
-    run.result.model_dir = export_model(run.out_dir, stage.index, run.step, stage.ema_model, stage.mdm, run.runtime)
+    run.result.model_dir = export_model(
+        run.out_dir, stage.index, run.step, stage.ema_model, stage.mdm, run.runtime, run.config.lora
+    )
     if stage.previewed_at != run.step:
         write_preview(run, stage)
     run.previous = (
@@ -464,9 +499,12 @@ def close_stage(run: Run, stage: Stage) -> None:
 
 
 def save_stage_checkpoint(run: Run, stage: Stage) -> None:
+    extra = progress_state(run.ended, stage.plateau)
+    if run.scaler is not None:
+        extra["grad_scaler"] = run.scaler.state_dict()
     run.result.checkpoint = save_checkpoint(
         run.checkpoints, run.step, stage.index, run.samples_seen, stage.wrapped, stage.ema, stage.optimizer,
-        run.stream, run.config, run.runtime, progress_state(run.ended, stage.plateau),
+        run.stream, run.config, run.runtime, extra,
     )
     stage.saved_at = run.step
 
@@ -604,43 +642,60 @@ def save_checkpoint(
 
 def export_model(
     out_dir: Path, stage_index: int, step: int, ema_model: torch.nn.Module, mdm: MDMConfig,
-    runtime: distributed.Runtime,
+    runtime: distributed.Runtime, lora_config: LoRAConfig | None = None,
 ) -> Path:
-    """DIR/model (and DIR/stages/stage-N): the EMA weights as a model directory for `matryoshka generate`."""
+    """DIR/model (and DIR/stages/stage-N): the EMA weights as a model directory for `matryoshka generate`.
+    A LoRA run's model has its adapter fused in, and the adapter alone goes to DIR/lora."""
     weights = distributed.full_state_dict(ema_model) if distributed.is_sharded(ema_model) else None
     target = out_dir / "model"
     if runtime.is_main:
         plain = ema_model
         if weights is not None:
-            plain = NestedUNet(mdm.model)
+            plain = _network(mdm, lora_config)
             plain.load_state_dict(weights)
         card = (
             f"# Matryoshka diffusion model\n\nTrained with `matryoshka train`: stage {stage_index + 1}, "
             f"global step {step}, levels {mdm.model.sizes} px (EMA weights).\n"
         )
-        for directory in (out_dir / "stages" / f"stage-{stage_index + 1}", target):
-            try:
+        try:
+            if lora_config is not None:
+                save_adapter(plain, out_dir / "lora", lora_config)
+                merged = NestedUNet(mdm.model)
+                merged.load_state_dict(merged_state_dict(plain))
+                plain = merged
+                card += "\nLoRA fine-tuning: the adapter (fused here) is in the run's lora/ directory.\n"
+            for directory in (out_dir / "stages" / f"stage-{stage_index + 1}", target):
                 save_model_dir(directory, plain, mdm, card)
-            except OSError as error:
-                raise RunWriteError(
-                    error.errno, f"could not write the model directory {directory} (step {step}): "
-                    f"{error.strerror or error}; the checkpoint of step {step} is intact: fix the cause (e.g. free "
-                    "some space), then continue with --resume, which exports the model again",
-                ) from error
+        except OSError as error:
+            raise RunWriteError(
+                error.errno, f"could not write the model export in {out_dir} (step {step}): "
+                f"{error.strerror or error}; the checkpoint of step {step} is intact: fix the cause (e.g. free "
+                "some space), then continue with --resume, which exports the model again",
+            ) from error
     distributed.barrier(runtime)
     return target
 
 
+def _network(mdm: MDMConfig, lora_config: LoRAConfig | None) -> NestedUNet:
+    """A stage's network as the trainer holds it: with its LoRA adapter in a LoRA run (weights loaded after)."""
+    with torch.random.fork_rng(devices=[]):  # leave the global generators alone (they drive dropout)
+        torch.manual_seed(0)
+        model = NestedUNet(mdm.model)
+        if lora_config is not None:
+            add_adapter(model, lora_config)
+    return model
+
+
 def export_weights(
     out_dir: Path, stage_index: int, step: int, ema_weights: dict[str, torch.Tensor], mdm: MDMConfig,
-    runtime: distributed.Runtime,
+    runtime: distributed.Runtime, lora_config: LoRAConfig | None = None,
 ) -> Path:
     """`export_model` from a checkpoint's full EMA weights (the network is built on rank 0 only)."""
     ema_model = torch.nn.Module()  # other ranks only wait at the barrier
     if runtime.is_main:
-        ema_model = NestedUNet(mdm.model)
+        ema_model = _network(mdm, lora_config)
         ema_model.load_state_dict(ema_weights)
-    return export_model(out_dir, stage_index, step, ema_model, mdm, runtime)
+    return export_model(out_dir, stage_index, step, ema_model, mdm, runtime, lora_config)
 
 
 def write_preview(run: Run, stage: Stage) -> None:
@@ -653,7 +708,7 @@ def write_preview(run: Run, stage: Stage) -> None:
         return
     conditional, unconditional = run.conditioner.for_samples(count, run.preview_prompts)
     device = runtime.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+    with torch.autocast(device.type, dtype=run.autocast_dtype or torch.float32, enabled=run.autocast_dtype is not None):
         levels = sample_pyramid(
             stage.ema_model, stage.mdm.diffusion, stage.schedule, conditional, unconditional, count,
             config.logging.sample_steps, config.logging.sample_guidance, config.seed, device,

@@ -71,11 +71,11 @@ def nest_model(old: NestedUNet, config: ModelConfig) -> NestedUNet:
     return new
 
 
-def check_inner_config(inner: ModelConfig, outer: ModelConfig) -> None:
+def check_inner_config(inner: ModelConfig, outer: ModelConfig, field_name: str = "init_inner_from") -> None:
     """Refuse to nest a model that is not exactly the innermost levels of `outer`."""
     if inner.num_levels > outer.num_levels:
         raise ConfigError(
-            "init_inner_from", f"the model has {inner.num_levels} levels, more than the stage's {outer.num_levels}"
+            field_name, f"the model has {inner.num_levels} levels, more than the stage's {outer.num_levels}"
         )
     expected = to_dict(outer.innermost(inner.num_levels))
     found = to_dict(inner)
@@ -83,13 +83,13 @@ def check_inner_config(inner: ModelConfig, outer: ModelConfig) -> None:
     if different:
         details = "; ".join(f"{key}: expected {expected[key]!r}, found {found.get(key)!r}" for key in different[:3])
         raise ConfigError(
-            "init_inner_from",
+            field_name,
             f"the model is not the innermost {inner.num_levels} level(s) of mdm.model ({details})",
         )
 
 
-def load_inner_model(path: str | Path) -> NestedUNet:
-    """A trained model to nest: one of our model directories, or an official ml-mdm checkpoint file."""
+def load_inner_model(path: str | Path, field_name: str = "init_inner_from") -> NestedUNet:
+    """A trained model to nest or fine-tune: one of our model directories, or an official ml-mdm checkpoint."""
     path = Path(path)
     if path.is_dir():
         model, _ = load_model_dir(path)
@@ -99,7 +99,7 @@ def load_inner_model(path: str | Path) -> NestedUNet:
 
         model, _, _ = load_official(path)
         return model
-    raise ConfigError("init_inner_from", f"{path} is neither a model directory nor an official checkpoint file")
+    raise ConfigError(field_name, f"{path} is neither a model directory nor an official checkpoint file")
 
 
 def initial_models(
@@ -118,6 +118,15 @@ def initial_models(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed * 1000 + stage_index)
         model = NestedUNet(target)
+    if stage.init_from is not None:  # fine-tuning a whole model: its weights, all of the stage's levels
+        loaded = load_inner_model(stage.init_from, "init_from")
+        if loaded.config.num_levels != target.num_levels:
+            raise ConfigError(
+                "init_from", f"the model has {loaded.config.num_levels} levels but the stage trains {target.num_levels}"
+            )
+        check_inner_config(loaded.config, target, "init_from")
+        model.load_state_dict(loaded.state_dict())
+        return model, copy.deepcopy(model)
     inner = previous
     if stage.init_inner_from is not None:
         loaded = load_inner_model(stage.init_inner_from)
