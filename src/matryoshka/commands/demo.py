@@ -19,7 +19,9 @@ LOOPBACK_NAMES = ("localhost",)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", type=Path, help="a model directory (default: the embedded Fashion-MNIST text-to-image model)"
+        "--model", metavar="DIR_OR_NAME",
+        help="a model directory, a bundled model's name or a hub id (default: the embedded Fashion-MNIST "
+        "text-to-image model)"
     )
     parser.add_argument(
         "--text-encoder", metavar="SPEC", help='text encoder spec overriding the model\'s ("minilm", "t5:/local/dir")'
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a LoRA adapter directory to serve the model with (repeatable)")
     parser.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
                         help="the weight of each --lora (default 1)")
-    parser.add_argument("--guide-model", type=Path, metavar="DIR", default=None,
+    parser.add_argument("--guide-model", metavar="DIR_OR_NAME", default=None,
                         help="a weaker model of the same levels for autoguidance (the page then offers it)")
     parser.add_argument("--max-steps", type=int, default=100, help="most sampling steps a request may ask for")
     parser.add_argument("--max-images", type=int, default=4, help="most images a request may ask for")
@@ -105,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
             from matryoshka.pipeline import MatryoshkaPipeline
 
             guide = MatryoshkaPipeline.from_pretrained(
-                resolve_model_dir(args.guide_model), device=args.device, text_encoder=pipe.text_encoder
+                resolve_model_dir(args.guide_model, "--guide-model"), device=args.device,
+                text_encoder=pipe.text_encoder,
             )
             pipe.guide_network(guide)  # the same levels and conditioning, or a clear error now
     except (ValueError, TypeError, FileNotFoundError, pickle.UnpicklingError) as error:

@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from matryoshka.pipeline import available_samplers
 
     defaults = EvalSettings()
-    parser.add_argument("--model", type=Path, required=True, help="a model directory (config.yaml + model.safetensors)")
+    parser.add_argument("--model", required=True, metavar="DIR_OR_NAME",
+                        help="a model directory (config.yaml + model.safetensors), a bundled name or a hub id")
     parser.add_argument(
         "--reference", default=FASHION_MNIST, metavar="fashion_mnist|FOLDER|STATS.npz",
         help="real images to compare with: the Fashion-MNIST test split (default), a folder of images, or an .npz "
@@ -126,9 +127,10 @@ def run(args: argparse.Namespace) -> int:
             prompt_labels=prompt_labels, clip_model=args.clip_model,
         )
         settings.validate()
-        if not (args.model / "config.yaml").is_file():
-            raise FileNotFoundError(f"--model {args.model} is not a model directory (no config.yaml in it)")
-        pipe = MatryoshkaPipeline.from_pretrained(args.model, device=args.device, text_encoder=args.text_encoder)
+        from matryoshka.commands.generate import resolve_model_dir
+
+        directory = resolve_model_dir(args.model)
+        pipe = MatryoshkaPipeline.from_pretrained(directory, device=args.device, text_encoder=args.text_encoder)
         evaluator = Evaluator(
             settings, cache_dir=args.cache_dir, classifier_dir=args.classifier, skip_classifier=args.no_classifier,
             progress=not args.quiet,

@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("prompt", nargs="?", default=None, help="what to draw (omit for class-conditional models)")
     source = parser.add_argument_group("model (default: the embedded Fashion-MNIST text-to-image model)")
-    source.add_argument("--model", type=Path, help="a model directory (config.yaml + model.safetensors)")
+    source.add_argument("--model", metavar="DIR_OR_NAME",
+                        help="a model directory (config.yaml + model.safetensors), a bundled model by name "
+                        "(fashion-t2i) or a hub repository id (user/name)")
     source.add_argument("--official", type=Path, metavar="CKPT", help="an official ml-mdm checkpoint (vis_model.pth)")
     source.add_argument("--config", type=Path, metavar="YAML", help="the official YAML of --official")
     source.add_argument(
@@ -61,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a LoRA adapter directory (a run's lora/); repeat for several, they add up")
     parser.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
                         help="the weight of each --lora (default 1; one per --lora, in order)")
-    parser.add_argument("--guide-model", type=Path, metavar="DIR", default=None,
+    parser.add_argument("--guide-model", metavar="DIR_OR_NAME", default=None,
                         help="autoguidance: guide with this weaker model directory (same levels and conditioning) "
                         "instead of the unconditional branch")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
@@ -137,8 +139,11 @@ def load_adapters(pipe, paths: list[Path], scales: list[float]) -> None:
         pipe.load_lora_weights(path, adapter_name=f"lora{index}", scale=scales[index] if scales else 1.0)
 
 
-def resolve_model_dir(model: Path | None) -> Path:
-    """--model, or the embedded default model when it is None; FileNotFoundError naming what is missing."""
+def resolve_model_dir(model: Path | str | None, flag: str = "--model") -> Path:
+    """--model: a model directory, a bundled model's name ("fashion-t2i") or a hub repository id (from the
+    hub cache, or downloaded); None: the embedded default model. FileNotFoundError naming what is missing."""
+    from matryoshka.pipeline import resolve_pretrained
+
     if model is None:
         directory = default_model_dir()
         if not (directory / "config.yaml").is_file():
@@ -147,9 +152,10 @@ def resolve_model_dir(model: Path | None) -> Path:
                 + TRAIN_HINT
             )
         return directory
-    if not (model / "config.yaml").is_file():
-        raise FileNotFoundError(f"--model {model} is not a model directory (no config.yaml in it)")
-    return model
+    try:
+        return resolve_pretrained(model)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{flag} {model}: {error}") from None
 
 
 def level_path(out: Path, level: int) -> Path:
@@ -209,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
             from matryoshka.pipeline import MatryoshkaPipeline
 
             guide = MatryoshkaPipeline.from_pretrained(
-                resolve_model_dir(args.guide_model), device=args.device, text_encoder=pipe.text_encoder
+                resolve_model_dir(args.guide_model, "--guide-model"), device=args.device,
+                text_encoder=pipe.text_encoder,
             )
         if args.channels_last:
             pipe.to(memory_format=torch.channels_last)
