@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-model", metavar="NAME_OR_DIR", default=None,
                         help="CLIP score with this transformers CLIP (a hub id such as openai/clip-vit-base-patch32, "
                         "or a local directory)")
-    parser.add_argument("--num-reference", type=int, default=defaults.num_reference, metavar="M",
-                        help=f"reference images used (default {defaults.num_reference})")
+    parser.add_argument("--num-reference", type=int, default=None, metavar="M",
+                        help=f"reference images used (default {defaults.num_reference}; video models: real clips, "
+                        "default 256)")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples, metavar="N",
                         help=f"samples generated and scored (default {defaults.num_samples})")
     parser.add_argument("--steps", type=int, default=defaults.steps, metavar="K",
@@ -54,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     classifier.add_argument("--no-classifier", action="store_true", help="skip conditioning fidelity")
     parser.add_argument("--classifier-epochs", type=int, default=defaults.classifier_epochs,
                         help=f"epochs of a classifier trained on the fly (default {defaults.classifier_epochs})")
+    parser.add_argument("--motion-classifier-steps", type=int, default=300,
+                        help="video models: training steps of the motion classifier trained on the fly (default 300)")
     parser.add_argument("--kid-subsets", type=int, default=defaults.kid_subsets,
                         help=f"KID subsets (default {defaults.kid_subsets})")
     parser.add_argument("--kid-subset-size", type=int, default=defaults.kid_subset_size,
@@ -119,18 +122,21 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing_file(args.out / "report.json", "--out", args.overwrite)
     prompts, prompt_labels = read_prompts(args.prompts) if args.prompts is not None else (None, None)
     try:
-        settings = EvalSettings(
-            num_samples=args.num_samples, steps=args.steps, guidance=parse_guidance(args.guidance),
-            sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, reference=args.reference,
-            num_reference=args.num_reference, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-            classifier_epochs=args.classifier_epochs, device=args.device, prompts=prompts,
-            prompt_labels=prompt_labels, clip_model=args.clip_model,
-        )
-        settings.validate()
         from matryoshka.commands.generate import resolve_model_dir
 
         directory = resolve_model_dir(args.model)
         pipe = MatryoshkaPipeline.from_pretrained(directory, device=args.device, text_encoder=args.text_encoder)
+        if pipe.is_video:
+            return run_video(args, pipe)
+        settings = EvalSettings(
+            num_samples=args.num_samples, steps=args.steps, guidance=parse_guidance(args.guidance),
+            sampler=args.sampler, seed=args.seed, batch_size=args.batch_size, reference=args.reference,
+            num_reference=args.num_reference or EvalSettings().num_reference, kid_subsets=args.kid_subsets,
+            kid_subset_size=args.kid_subset_size,
+            classifier_epochs=args.classifier_epochs, device=args.device, prompts=prompts,
+            prompt_labels=prompt_labels, clip_model=args.clip_model,
+        )
+        settings.validate()
         evaluator = Evaluator(
             settings, cache_dir=args.cache_dir, classifier_dir=args.classifier, skip_classifier=args.no_classifier,
             progress=not args.quiet,
@@ -153,4 +159,29 @@ def run(args: argparse.Namespace) -> int:
     if report.get("clip_score"):
         parts.append(f"CLIP score {report['clip_score']['mean']:.2f}")
     print("  ".join(parts) + f"\nreport: {args.out / 'report.json'}")
+    return 0
+
+
+def run_video(args: argparse.Namespace, pipe) -> int:
+    """The video evaluation (matryoshka.evaluation.video): frame FID/KID, motion accuracy, consistency."""
+    from matryoshka.evaluation.video import VideoEvalSettings, VideoEvaluator
+
+    guidance = parse_guidance(args.guidance)
+    settings = VideoEvalSettings(
+        num_clips=args.num_samples, steps=args.steps, guidance=guidance if isinstance(guidance, float) else None,
+        sampler=args.sampler, seed=args.seed, batch_size=min(args.batch_size, 16),
+        num_reference_clips=args.num_reference or 256, kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size, classifier_steps=args.motion_classifier_steps, device=args.device,
+    )
+    report = VideoEvaluator(settings, args.cache_dir, progress=not args.quiet,
+                            classifier_dir=args.classifier).evaluate(pipe, args.out, model_name=str(args.model))
+    if not args.quiet:
+        motion, consistency = report["motion"], report["consistency"]
+        print(
+            f"{report['num_clips']} clips: frame FID {report['frame_fid']:.2f}  motion "
+            f"{motion['direction_accuracy']:.0%} as asked ({motion['axis_accuracy']:.0%} on the axis; real "
+            f"{motion['real']['direction_accuracy']:.0%}, still {motion['still_copies']['direction_accuracy']:.0%}, "
+            f"chance 25%)  frame consistency {consistency['samples']:.3f} (real {consistency['real']:.3f})"
+            f"\nreport: {args.out / 'report.json'}"
+        )
     return 0

@@ -58,6 +58,7 @@ __all__ = [
     "Evaluator",
     "ReferenceSet",
     "balanced_labels",
+    "cached_reference",
     "default_cache_dir",
     "distribution_metrics",
     "fid_from_features",
@@ -321,7 +322,17 @@ def reference_set(
         return ReferenceSet(features=None, stats=stats, description={"reference": "npz", "path": str(spec),
                                                                      "n": stats.n, "key": stats.key})
     load, description = load_reference_images(spec, image_size, channels, limit, fit)
-    description["extractor"] = extractor.fingerprint
+    return cached_reference(extractor, load, description, cache_dir, batch_size, progress)
+
+
+def cached_reference(
+    extractor: InceptionFeatureExtractor, load: Callable[[], torch.Tensor], description: dict[str, Any],
+    cache_dir: str | Path, batch_size: int = 64, progress: bool = True,
+) -> ReferenceSet:
+    """The Inception features and statistics of the images `load()` gives (N, C, S, S) in [-1, 1], computed
+    once: cached in `cache_dir` under a key of `description` (which must identify the images) and the
+    extractor's fingerprint."""
+    description = {**description, "extractor": extractor.fingerprint}
     cache_dir = Path(cache_dir).expanduser()
     features_path = cache_dir / f"{stats_key(description)}.features.npy"
     if features_path.is_file():
