@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -76,10 +77,9 @@ class DemoServer:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[DemoServer]:
-    root = tmp_path_factory.mktemp("demo-server")
-    model_dir = write_tiny_text_model(root / "model")
+@contextmanager
+def serve(root: Path, model_dir: Path) -> Iterator[DemoServer]:
+    """`matryoshka demo --model MODEL_DIR` in a subprocess on a free port, until the block ends."""
     port = free_port()
     log = root / "server.log"
     env = {
@@ -119,6 +119,13 @@ def server(tmp_path_factory) -> Iterator[DemoServer]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[DemoServer]:
+    root = tmp_path_factory.mktemp("demo-server")
+    with serve(root, write_tiny_text_model(root / "model")) as demo:
+        yield demo
 
 
 # ---- the HTTP API (what any client, not only the page, can send) -------------------------------------
@@ -283,3 +290,48 @@ def test_page_generates_every_level_in_headless_chromium(server, tmp_path):
     finally:
         driver.quit()
     assert server.process.poll() is None, server.log_text()
+
+
+def write_tiny_video_model(directory: Path) -> Path:
+    """4 frames of 16 px over 4 frames of 8 px, MiniLM captions; random but non-zero adapters."""
+    outer = LevelConfig(channels=[8, 8], num_res_blocks=[1, 1], norm_groups=4, temb_dim=32, temporal_conv=True)
+    core = LevelConfig(channels=[8, 16], num_res_blocks=[1, 1], attention_layers=[0, 1], num_heads=2, norm_groups=4,
+                       temb_dim=32, temporal_attention_layers=[1, 1])
+    model_config = ModelConfig(levels=[outer, core], image_size=16, in_channels=1, text_dim=384, num_frames=4,
+                               temporal_ratios=[1])
+    torch.manual_seed(0)
+    model = NestedUNet(model_config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    config = MDMConfig(model=model_config, diffusion=DiffusionConfig(), text_encoder="minilm")
+    return save_model_dir(directory, model, config)
+
+
+def test_the_page_plays_a_video_models_clips_at_every_level(tmp_path_factory, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root = tmp_path_factory.mktemp("video-demo")
+    with serve(root, write_tiny_video_model(root / "model")) as demo:
+        driver = _browser(tmp_path)
+        try:
+            wait = WebDriverWait(driver, REQUEST_TIMEOUT_S)
+            driver.get(demo.url)
+            prompt = wait.until(expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
+            prompt.send_keys("a bag sliding to the left")
+            driver.find_element(By.CSS_SELECTOR, "#generate").click()
+            wait.until(lambda d: (d.find_element(By.CSS_SELECTOR, "#info textarea").get_attribute("value") or "")
+                       .startswith("seed "))
+            for level in (0, 1):
+                image = wait.until(lambda d, level=level: next(
+                    (i for i in d.find_elements(By.CSS_SELECTOR, f"#level-{level} img")
+                     if ".gif" in (i.get_attribute("src") or "")), False))
+                assert driver.execute_script("return arguments[0].naturalWidth", image) > 0
+                source = httpx.get(image.get_attribute("src"), timeout=REQUEST_TIMEOUT_S).content
+                frames = Image.open(__import__("io").BytesIO(source))
+                assert frames.format == "GIF" and getattr(frames, "n_frames", 1) == 4  # the clip plays
+        finally:
+            driver.quit()
+        assert demo.process.poll() is None, demo.log_text()

@@ -22,6 +22,7 @@ import unicodedata
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -332,10 +333,33 @@ def generate_request(
         f"seed {request.seed} · {request.steps} {request.sampler} steps · guidance {request.guidance:g}{extras} · "
         f"{request.num_images} image(s) · levels {sizes} · {elapsed:.1f} s"
     )
+    if pipe.is_video:  # every level as one animated GIF of its clips side by side
+        return video_levels(output.tensors), info
     return output.levels, info
 
 
+def video_levels(tensors: list[torch.Tensor]) -> list[list[Path]]:
+    """Clips of every level (N, C, T, S, S) -> one GIF per level (the clips tiled, enlarged for the page)."""
+    import tempfile
+
+    from matryoshka.video import save_video, tile_videos
+
+    directory = Path(tempfile.mkdtemp(prefix="matryoshka-demo-"))
+    paths = []
+    for level, clips in enumerate(tensors):
+        scale = max(1, DISPLAY_SIDE // clips.shape[-1])
+        paths.append([save_video(tile_videos(clips), directory / f"level{level}.gif", upscale=scale)])
+    return paths
+
+
 # ---- the page ----------------------------------------------------------------------------------------
+
+
+def _preview_image(sample: torch.Tensor) -> Image.Image:
+    """An x0 estimate as a picture: an image (C, S, S), or a clip (C, T, S, S) as its frames side by side."""
+    if sample.ndim == 4:
+        return tensor_to_pil(torch.cat(list(sample.unbind(1)), dim=-1))
+    return tensor_to_pil(sample)
 
 
 def _lora_names(pipe: MatryoshkaPipeline) -> list[str]:
@@ -418,7 +442,7 @@ def stream_request(
             step, total, x0 = item
             if progress is not None:
                 progress((step, total), f"denoising step {step}/{total}")
-            previews = [[tensor_to_pil(image) for image in level] for level in x0]
+            previews = [[_preview_image(image) for image in level] for level in x0]
             yield previews, f"denoising: step {step}/{total} (x0 estimates)", False
         worker.join()
     finally:
@@ -462,7 +486,11 @@ def build_demo(
                 pipe, dict(zip(names, values, strict=True)), limits,
                 progress=lambda fraction, desc: progress(fraction, desc=desc), precision=precision, guide=guide,
             ):
-                yield (*[_gallery_items(level) for level in images], info)
+                if pipe.is_video:  # one picture per level: x0 frames while denoising, then the GIF
+                    yield (*[level[0] if isinstance(level[0], Path) else display_image(level[0])
+                             for level in images], info)
+                else:
+                    yield (*[_gallery_items(level) for level in images], info)
         except DemoRequestError as error:
             raise gr.Error(f"Request refused: {error}") from None
         except (ValueError, TypeError) as error:
@@ -524,12 +552,20 @@ def build_demo(
                 }
                 if "fit_columns" in inspect.signature(gr.Gallery.__init__).parameters:
                     gallery_options["fit_columns"] = False  # gradio >= 6 stretches few images to the full width
-                galleries = [
-                    gr.Gallery(
-                        label=label, format="png", elem_id=f"level-{level}", interactive=False, **gallery_options
-                    )
-                    for level, label in enumerate(labels)
-                ]
+                if pipe.is_video:  # animated GIFs (all clips of a level side by side) play in the page
+                    galleries = [
+                        gr.Image(label=label, type="filepath", elem_id=f"level-{level}", interactive=False,
+                                 format="gif")
+                        for level, label in enumerate(labels)
+                    ]
+                else:
+                    galleries = [
+                        gr.Gallery(
+                            label=label, format="png", elem_id=f"level-{level}", interactive=False,
+                            **gallery_options,
+                        )
+                        for level, label in enumerate(labels)
+                    ]
         inputs = [prompt, negative, steps, guidance, seed, sampler, num_images, interval, rescale, autoguidance,
                   lora_scale]
         outputs = [*galleries, info]
