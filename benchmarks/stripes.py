@@ -1,0 +1,80 @@
+"""Are there vertical streaks in a model's samples? Column-wise against row-wise high-frequency energy.
+
+Vertical streaks are intensity changes from column to column that rows do not have. For every image the
+script takes the power spectrum of the garment (the 32 px canvas, background included) and compares the
+energy at high horizontal frequencies (|f_x| >= 1/4 cycle per pixel, any f_y) with the energy at high
+vertical frequencies; the ratio (horizontal / vertical) is 1 for isotropic texture. Real Fashion-MNIST
+images give the reference ratio (garments are taller than wide and have seams, so it is not 1); a model
+with streak artifacts gives a clearly larger one. Also: the mean absolute difference between neighbouring
+columns and between neighbouring rows.
+
+    python benchmarks/stripes.py --models runs/study/diagnose32/a/seed0/model runs/study/diagnose32/c/seed0/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from matryoshka.data import FashionMNIST, caption_for_label
+from matryoshka.pipeline import MatryoshkaPipeline
+
+
+def anisotropy(images: torch.Tensor) -> dict[str, float]:
+    """images (N, 1, H, W) in [-1, 1] -> high-frequency energy ratios and neighbour differences."""
+    x = images[:, 0].double()
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    power = torch.fft.fft2(x).abs() ** 2  # (N, H, W): [.., f_y, f_x]
+    h, w = x.shape[-2:]
+    fy = torch.fft.fftfreq(h).abs()[:, None].expand(h, w)
+    fx = torch.fft.fftfreq(w).abs()[None, :].expand(h, w)
+    horizontal = power[:, fx >= 0.25].sum(-1)  # changes along a row: column-to-column (vertical stripes)
+    vertical = power[:, fy >= 0.25].sum(-1)
+    ratio = (horizontal / vertical.clamp(min=1e-12)).median()
+    column_diff = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    row_diff = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    return {"hf_ratio_median": float(ratio), "column_step": float(column_diff), "row_step": float(row_diff),
+            "column_over_row": float(column_diff / row_diff)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", required=True,
+                        help="model directories (class-conditional, or text models prompted with Fashion captions)")
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data = FashionMNIST("test", image_size=32, channels=1)
+    rng = np.random.default_rng(0)
+    real = torch.stack([data.image_tensor(int(i)) for i in rng.choice(len(data), args.samples, replace=False)])
+    rows = {"real test images": anisotropy(real)}
+    for model in args.models:
+        pipe = MatryoshkaPipeline.from_pretrained(model)
+        labels = [i % 10 for i in range(args.samples)]
+        batches = []
+        for i in range(0, args.samples, 100):
+            condition = ({"prompt": [caption_for_label(c, random.Random(j)) for j, c in enumerate(labels[i:i + 100])]}
+                         if pipe.is_text_conditional else {"class_labels": labels[i : i + 100]})
+            batches.append(pipe(**condition, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                generator=i, progress=False).tensors[0])
+        images = torch.cat(batches)
+        rows[model] = anisotropy(images)
+    print("| images | HF energy, horizontal / vertical (median) | column step | row step | column / row |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['hf_ratio_median']:.2f} | {r['column_step']:.3f} | {r['row_step']:.3f} "
+              f"| {r['column_over_row']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
