@@ -1,5 +1,5 @@
-"""Few-step sampling judged by FID: every sampler at several step counts, with and without a guidance
-interval, network evaluations counted.
+"""Few-step sampling and guidance judged by FID: every sampler at several step counts, with and without a
+guidance interval, guidance rescale or autoguidance, network evaluations counted.
 
     python benchmarks/sampler_fid.py --model runs/study/study32/c/seed0/model --out runs/sampler-fid/c
     python benchmarks/sampler_fid.py --model fashion-t2i --samplers ddim dpmpp_2m --steps 8 20 --seeds 0 1
@@ -26,19 +26,19 @@ from matryoshka.guidance import GuidanceInterval
 from matryoshka.pipeline import MatryoshkaPipeline, available_samplers
 
 
-class IntervalPipeline:
-    """A pipeline whose calls carry a guidance interval and count network rows (what Evaluator calls)."""
+class GuidedPipeline:
+    """A pipeline whose calls carry the guidance options and count network rows (what Evaluator calls)."""
 
-    def __init__(self, pipe: MatryoshkaPipeline, interval: GuidanceInterval | None) -> None:
-        self.pipe, self.interval, self.rows, self.images = pipe, interval, 0, 0
+    def __init__(self, pipe: MatryoshkaPipeline, **guidance) -> None:
+        self.pipe, self.guidance, self.rows, self.images = pipe, guidance, 0, 0
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
     def __call__(self, *args, **kwargs):
-        out = self.pipe(*args, guidance_interval=self.interval, **kwargs)
+        out = self.pipe(*args, **self.guidance, **kwargs)
         if out.evaluations is not None:
-            self.rows += out.evaluations["network_rows"]
+            self.rows += out.evaluations["network_rows"] + out.evaluations["guide_rows"]
         self.images += len(out.tensors[0])
         return out
 
@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 8, 12, 20, 50])
     parser.add_argument("--interval", default="none,0.3:5",
                         help="comma-separated guidance intervals in sigma, LO:HI, or 'none' (default none,0.3:5)")
+    parser.add_argument("--rescale", type=float, nargs="+", default=[0.0], help="guidance rescale values")
+    parser.add_argument("--guide-model", default=None, help="also score autoguidance with this weaker model")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds")
     parser.add_argument("--guidance", type=float, default=None, help="default: the model's recommended scale")
     parser.add_argument("--num-samples", type=int, default=1000)
@@ -72,14 +74,21 @@ def main() -> None:
         else:
             low, high = (float(v) for v in text.split(":"))
             intervals[f"sigma {low:g}..{high:g}"] = GuidanceInterval(low, high)
+    guide = MatryoshkaPipeline.from_pretrained(args.guide_model) if args.guide_model else None
+    variants = [(f"{name}" + (f", rescale {r:g}" if r else ""), {"guidance_interval": interval,
+                                                                 "guidance_rescale": r})
+                for name, interval in intervals.items() for r in args.rescale]
+    if guide is not None:
+        variants.append(("autoguidance", {"guide_model": guide}))
     evaluators: dict[int, Evaluator] = {}
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for sampler in args.samplers:
             for steps in args.steps:
-                for name, interval in intervals.items():
-                    tag = f"{sampler}-{steps}-{name.replace(' ', '').replace('..', '-')}-seed{seed}"
+                for name, options in variants:
+                    slug = name.replace(" ", "").replace("..", "-").replace(",", "-")
+                    tag = f"{sampler}-{steps}-{slug}-seed{seed}"
                     path = args.out / tag / "report.json"
                     if path.is_file():
                         report = json.loads(path.read_text())
@@ -90,7 +99,7 @@ def main() -> None:
                                                 kid_subset_size=500, fit=args.fit)
                         evaluator = evaluators.setdefault(seed, Evaluator(settings, progress=False))
                         evaluator.settings = settings
-                        counted = IntervalPipeline(pipe, interval)
+                        counted = GuidedPipeline(pipe, **options)
                         started = time.perf_counter()
                         report = evaluator.evaluate(counted, path.parent, model_name=str(args.model))
                         report["nfe_per_sample"] = counted.rows / max(1, counted.images)
@@ -103,7 +112,7 @@ def main() -> None:
                     print(f"{sampler:9s} {steps:3d} steps  {name:14s} seed {seed}: NFE {rows[-1]['nfe']:5.1f}  "
                           f"FID {rows[-1]['fid']:6.2f}  acc {rows[-1]['accuracy']}", flush=True)
     write_json_report({"model": str(args.model), "guidance": guidance, "rows": rows}, args.out / "results.json")
-    lines = ["| sampler | steps | guidance interval | NFE / sample | FID | KID x1000 | class acc. |",
+    lines = ["| sampler | steps | guidance | NFE / sample | FID | KID x1000 | class acc. |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for row in rows:
         accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.1%}"
