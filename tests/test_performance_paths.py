@@ -212,7 +212,7 @@ def test_pipeline_bf16_option_runs_the_network_in_bf16_and_stays_close_to_fp32()
         assert a.dtype == torch.float32 and not torch.equal(a, b)
         assert relative_error(a, b) < 0.1
     with pytest.raises(ValueError, match="precision"):
-        pipe(class_labels=[1], num_inference_steps=2, precision="fp16", progress=False)
+        pipe(class_labels=[1], num_inference_steps=2, precision="int8", progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
