@@ -130,3 +130,30 @@ def test_init_inner_from_an_image_model_inflates_it(tmp_path):
                                     f"stages=[{{levels: 2, steps: 1, init_inner_from: {tmp_path / 'image'}}}]"])
     with pytest.raises(ConfigError, match="init_inner_from"):
         initial_models(bad, 0, None)
+
+
+def test_an_inflated_image_model_trains_only_its_temporal_layers(tmp_path):
+    """configs/video_from_image.yaml's way: the whole image model inflated into the video model (all levels),
+    then `trainable: temporal` moves the temporal layers and frame embeddings and nothing else."""
+    from matryoshka.video import temporal_parameters
+
+    video = VIDEO[:-1] + ["mdm.model.levels.1.temporal_conv=true", "mdm.model.levels.0.frame_embedding=true"]
+    config = tiny_config(video)
+    image = NestedUNet(image_counterpart(config.mdm.model, 2))
+    with torch.no_grad():
+        for p in image.parameters():
+            p.normal_(0, 0.05)
+    save_model_dir(tmp_path / "image", image, MDMConfig(model=image.config, diffusion=DiffusionConfig()))
+    stage = f"stages=[{{levels: 2, steps: 3, init_inner_from: {tmp_path / 'image'}, trainable: temporal}}]"
+    result = train(tiny_config([*video, stage, "logging.sample_count=0", "logging.progress=false"]),
+                   tmp_path / "run", quiet=True)
+    trained = result.model.state_dict()
+    temporal = {id(p) for p in temporal_parameters(result.model)}
+    names = {name for name, p in result.model.named_parameters() if id(p) in temporal}
+    assert names
+    for name, value in image.state_dict().items():  # every image weight exactly as given
+        assert torch.equal(trained[name], value), name
+    initial, _ = initial_models(tiny_config([*video, stage]), 0, None)
+    assert any(not torch.equal(trained[n], initial.state_dict()[n]) for n in names)  # the temporal ones moved
+    with pytest.raises(ConfigError, match="trainable"):
+        tiny_config(["stages=[{levels: 2, steps: 1, trainable: temporal}]"])

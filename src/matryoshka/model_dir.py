@@ -21,6 +21,12 @@ from matryoshka.typed_config import ConfigError, load_yaml, require, save_yaml
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
+BUNDLED_DIR = Path(__file__).resolve().parent / "assets"  # the models that ship inside the package
+
+
+def bundled_models() -> list[str]:
+    """Names of the models that ship inside the package ("fashion-t2i", ...)."""
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / CONFIG_NAME).is_file()) if BUNDLED_DIR.is_dir() else []
 
 
 @dataclass

@@ -33,23 +33,25 @@ from matryoshka.conditioning import TextEmbedding, TextEncoder, load_text_encode
 from matryoshka.data import convert_channels, make_grid, pil_to_tensor, resize_center_crop, tensor_to_pil
 from matryoshka.diffusion import PyramidSchedule
 from matryoshka.guidance import GuidanceInterval, classifier_free_guidance
-from matryoshka.model_dir import CONFIG_NAME, WEIGHTS_NAME, MDMConfig, load_model_dir, save_model_dir
+from matryoshka.model_dir import (
+    BUNDLED_DIR,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    MDMConfig,
+    bundled_models,
+    load_model_dir,
+    save_model_dir,
+)
 from matryoshka.models import NestedUNet
 from matryoshka.schedulers import Scheduler, SchedulerConfig, available_schedulers, make_scheduler, randn
 
 ClassLabel = int | str
-BUNDLED_DIR = Path(__file__).resolve().parent / "assets"
 OUTPUT_TYPES = ("pil", "pt", "np")
 
 
 def available_samplers() -> list[str]:
     """The scheduler shorthands `pipe(..., sampler=name)` and `--sampler` accept."""
     return available_schedulers()
-
-
-def bundled_models() -> list[str]:
-    """Names of the models that ship inside the package ("fashion-t2i", ...)."""
-    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / CONFIG_NAME).is_file()) if BUNDLED_DIR.is_dir() else []
 
 
 def resolve_pretrained(

@@ -162,6 +162,9 @@ class StageConfig:
     # Start from a whole trained model (all of the stage's levels): fine-tuning. One of our model
     # directories or an official ml-mdm checkpoint file; its levels must be exactly the stage's.
     init_from: str | None = None
+    # Which weights the stage trains: "all", or "temporal" (a video model's temporal layers and frame
+    # embeddings only, e.g. after inflating an image model into it; the image weights stay as they are).
+    trainable: Literal["all", "temporal"] = "all"
     # Automatic stage end (the paper's future work): `steps` becomes the maximum; the stage ends when the
     # EMA model's held-out loss stops improving. null = the stage runs all its steps.
     end_on_plateau: PlateauConfig | None = None
@@ -280,6 +283,10 @@ class TrainConfig:
             f"{self.mdm.model.num_frames}: use {'an image' if video_data else 'a video'} dataset or model",
         )
         for i, stage in enumerate(self.stages):
+            require(
+                stage.trainable == "all" or self.mdm.model.num_frames > 0,
+                f"stages[{i}].trainable", "temporal only applies to video models (mdm.model.num_frames > 0)",
+            )
             require(
                 stage.end_on_plateau is None or self.data.dataset not in ("shards", "video_shards"),
                 f"stages[{i}].end_on_plateau",

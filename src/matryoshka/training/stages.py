@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from matryoshka.diffusion import DiffusionConfig
-from matryoshka.model_dir import MDMConfig, load_model_dir
+from matryoshka.model_dir import BUNDLED_DIR, MDMConfig, bundled_models, load_model_dir
 from matryoshka.models import ModelConfig, NestedUNet
 from matryoshka.training.config import StageConfig, TrainConfig
 from matryoshka.typed_config import ConfigError, to_dict
@@ -91,6 +91,8 @@ def check_inner_config(inner: ModelConfig, outer: ModelConfig, field_name: str =
 def load_inner_model(path: str | Path, field_name: str = "init_inner_from") -> NestedUNet:
     """A trained model to nest or fine-tune: one of our model directories, or an official ml-mdm checkpoint."""
     path = Path(path)
+    if not path.exists() and str(path) in bundled_models():  # a bundled model by name ("fashion-t2i")
+        path = BUNDLED_DIR / str(path)
     if path.is_dir():
         model, _ = load_model_dir(path)
         return model
