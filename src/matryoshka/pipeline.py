@@ -446,63 +446,13 @@ class MatryoshkaPipeline:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        model_config = self.config.model
         scales = self._check_guidance(guidance_scale)
-
-        prompts = self._prompt_list(prompt) if prompt_embeds is None else None
-        if prompt_embeds is not None and prompt is not None:
-            raise ValueError("give prompt or prompt_embeds, not both")
-        labels = self._label_list(class_labels)
-        embedded = self._embedding(prompt_embeds, prompt_attention_mask, "prompt_embeds")
-        groups = max(len(prompts or []), len(labels or []), len(embedded) if embedded is not None else 0, 1)
-        for name, values in (("prompt", prompts), ("class_labels", labels), ("prompt_embeds", embedded)):
-            if values is not None and len(values) not in (1, groups):
-                raise ValueError(
-                    f"{name} has {len(values)} entries but there are {groups} prompts/labels: give one or {groups}"
-                )
-        batch = groups * num_images_per_prompt
-        # Row i of the batch belongs to group i // num_images_per_prompt (prompt-major order).
-        rows = torch.arange(groups).repeat_interleave(num_images_per_prompt)
-
-        conditional: dict = {}
-        unconditional: dict = {}
-        if prompts is not None or embedded is not None:
-            count = len(prompts) if prompts is not None else len(embedded)
-            group_rows = rows if count == groups else torch.zeros_like(rows)
-            cond, uncond = self._text_branches(
-                prompts, embedded, negative_prompt,
-                self._embedding(negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt_embeds"),
-                group_rows,
-            )
-            conditional.update(text_states=cond.states.to(self.device), text_mask=cond.mask.to(self.device))
-            unconditional.update(text_states=uncond.states.to(self.device), text_mask=uncond.mask.to(self.device))
-        elif negative_prompt is not None or negative_prompt_embeds is not None:
-            raise ValueError("negative_prompt needs a text-conditional model and a prompt")
-        if labels is not None:
-            ids = torch.tensor(labels, dtype=torch.long)
-            ids = ids[rows] if len(labels) == groups else ids.expand(batch)
-            conditional["labels"] = ids.to(self.device)
-            unconditional["labels"] = torch.full_like(ids, model_config.num_classes).to(self.device)
-
-        guide = self.guide_network(guide_model)
-        guided = None
-        network = _in_dtype(self.model, self.dtype)
-        if conditional:
-            denoiser = guided = classifier_free_guidance(
-                network, conditional, unconditional, scales, interval=_as_intervals(guidance_interval),
-                schedule=self.schedule, rescale=guidance_rescale,
-                guide_model=None if guide is None else _in_dtype(guide, next(guide.parameters()).dtype),
-            )
-        elif guide is not None or guidance_interval is not None or guidance_rescale:
-            raise ValueError("guidance_interval, guidance_rescale and guide_model need a conditional model")
-        else:  # an unconditional model: nothing to guide
-
-            def denoiser(pyramid: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
-                return network(pyramid, t)
-
-        if precision != "fp32":
-            denoiser = _in_autocast(denoiser, self.device, torch.bfloat16 if precision == "bf16" else torch.float16)
-
+        conditional, unconditional, batch = self._branches(
+            prompt, negative_prompt, class_labels, num_images_per_prompt, prompt_embeds, negative_prompt_embeds,
+            prompt_attention_mask, negative_prompt_attention_mask,
+        )
+        denoiser, guided = self._denoiser(conditional, unconditional, scales, guidance_interval, guidance_rescale,
+                                          guide_model, precision)
         generator = self._generator(generator, batch)
         noise = self._initial_noise(latents, batch, generator)
         schedule = self.schedule.to(self.device)
@@ -523,13 +473,7 @@ class MatryoshkaPipeline:
             replace_levels=replace_levels,
         )
         tensors = [level.float().cpu() for level in result]
-        images: Any
-        if output_type == "pil":
-            images = [_to_pil(sample) for sample in tensors[0]]
-        elif output_type == "pt":
-            images = (tensors[0] + 1) / 2
-        else:
-            images = ((tensors[0] + 1) / 2).movedim(1, -1).numpy()
+        images = _as_output_type(tensors[0], output_type)
         levels = [[_to_pil(sample) for sample in level] for level in tensors] if output_levels else None
         evaluations = {"network_rows": guided.rows, "guide_rows": guided.guide_rows} if guided is not None else None
         if not return_dict:
@@ -544,6 +488,67 @@ class MatryoshkaPipeline:
             return type(self.scheduler).from_config(self.scheduler.config)
         return type(self.scheduler).from_config(SchedulerConfig(self.scheduler.config.name, eta)) \
             if self.scheduler.stochastic else make_scheduler(self.scheduler.config.name, eta)
+
+    def _branches(
+        self, prompt, negative_prompt, class_labels, num_images_per_prompt: int, prompt_embeds,
+        negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask,
+    ) -> tuple[dict, dict, int]:
+        """The model's conditional and unconditional keyword arguments for every row of the batch (prompt-
+        major: row i belongs to prompt / label i // num_images_per_prompt), and the batch size."""
+        prompts = self._prompt_list(prompt) if prompt_embeds is None else None
+        if prompt_embeds is not None and prompt is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
+        labels = self._label_list(class_labels)
+        embedded = self._embedding(prompt_embeds, prompt_attention_mask, "prompt_embeds")
+        groups = max(len(prompts or []), len(labels or []), len(embedded) if embedded is not None else 0, 1)
+        for name, values in (("prompt", prompts), ("class_labels", labels), ("prompt_embeds", embedded)):
+            if values is not None and len(values) not in (1, groups):
+                raise ValueError(
+                    f"{name} has {len(values)} entries but there are {groups} prompts/labels: give one or {groups}"
+                )
+        batch = groups * num_images_per_prompt
+        rows = torch.arange(groups).repeat_interleave(num_images_per_prompt)
+        conditional: dict = {}
+        unconditional: dict = {}
+        if prompts is not None or embedded is not None:
+            count = len(prompts) if prompts is not None else len(embedded)
+            group_rows = rows if count == groups else torch.zeros_like(rows)
+            negative = self._embedding(negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt_embeds")
+            cond, uncond = self._text_branches(prompts, embedded, negative_prompt, negative, group_rows)
+            conditional.update(text_states=cond.states.to(self.device), text_mask=cond.mask.to(self.device))
+            unconditional.update(text_states=uncond.states.to(self.device), text_mask=uncond.mask.to(self.device))
+        elif negative_prompt is not None or negative_prompt_embeds is not None:
+            raise ValueError("negative_prompt needs a text-conditional model and a prompt")
+        if labels is not None:
+            ids = torch.tensor(labels, dtype=torch.long)
+            ids = ids[rows] if len(labels) == groups else ids.expand(batch)
+            conditional["labels"] = ids.to(self.device)
+            unconditional["labels"] = torch.full_like(ids, self.config.model.num_classes).to(self.device)
+        return conditional, unconditional, batch
+
+    def _denoiser(self, conditional: dict, unconditional: dict, scales, interval, rescale: float, guide_model,
+                  precision: str):
+        """The network as the sampling loop calls it (guided when conditional, in the asked precision), and
+        the GuidedDenoiser that counts its evaluations (None for an unconditional model)."""
+        guide = self.guide_network(guide_model)
+        network = _in_dtype(self.model, self.dtype)
+        guided = None
+        if conditional:
+            denoiser = guided = classifier_free_guidance(
+                network, conditional, unconditional, scales, interval=_as_intervals(interval),
+                schedule=self.schedule, rescale=rescale,
+                guide_model=None if guide is None else _in_dtype(guide, next(guide.parameters()).dtype),
+            )
+        elif guide is not None or interval is not None or rescale:
+            raise ValueError("guidance_interval, guidance_rescale and guide_model need a conditional model")
+        else:  # an unconditional model: nothing to guide
+
+            def denoiser(pyramid: list[torch.Tensor], t: torch.Tensor) -> list[torch.Tensor]:
+                return network(pyramid, t)
+
+        if precision != "fp32":
+            denoiser = _in_autocast(denoiser, self.device, torch.bfloat16 if precision == "bf16" else torch.float16)
+        return denoiser, guided
 
     def _initial_noise(self, latents, batch: int, generator) -> list[torch.Tensor]:
         shapes = self.level_shapes()
@@ -710,6 +715,15 @@ def _in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> Callable[..., list[
         return [out.float() for out in model([x.to(dtype) for x in pyramid], t, **cast)]
 
     return run
+
+
+def _as_output_type(top: torch.Tensor, output_type: str):
+    """The top level (B, C, ...) in [-1, 1] as `output_type` asks: PIL images, a tensor or an array in [0, 1]."""
+    if output_type == "pil":
+        return [_to_pil(sample) for sample in top]
+    if output_type == "pt":
+        return (top + 1) / 2
+    return ((top + 1) / 2).movedim(1, -1).numpy()
 
 
 def _has_lora(model: torch.nn.Module) -> bool:
