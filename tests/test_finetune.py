@@ -172,3 +172,29 @@ def test_fp16_sampling_reruns_an_overflowing_step_in_fp32(base_model):
         out = pipe(class_labels=[3], num_inference_steps=3, generator=0, progress=False, precision="fp16")
     assert overflowed and torch.isfinite(out.tensors[0]).all()
     assert any("fp16 overflowed" in str(w.message) for w in caught)
+
+
+# CUDA (benchmarks/gpu_check.sh runs these with -m cuda)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_fp16_training_on_cuda_scales_the_loss_and_resumes_exactly(tmp_path):
+    config = ["optim.precision=fp16", "device=cuda", "checkpoint.every=1", *QUIET]
+    whole = train(tiny_config(config), tmp_path / "whole", quiet=True)
+    train(tiny_config(config), tmp_path / "cut", max_steps=2, quiet=True)
+    resumed = train(tiny_config(config), tmp_path / "cut", resume=True, quiet=True)
+    for key, value in whole.ema_model.state_dict().items():
+        assert torch.equal(value, resumed.ema_model.state_dict()[key]), key
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in whole.losses.items() if k.startswith("loss"))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_fp16_sampling_on_cuda_gives_finite_images_close_to_fp32(base_model):
+    pipe = MatryoshkaPipeline.from_pretrained(base_model, device="cuda")
+    options = {"class_labels": [1, 5], "num_inference_steps": 4, "generator": 0, "progress": False}
+    full = pipe(**options).tensors[0]
+    half = pipe(**options, precision="fp16").tensors[0]
+    assert torch.isfinite(half).all() and (half - full).abs().mean() < 0.05
