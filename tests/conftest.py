@@ -6,10 +6,12 @@ import pytest
 import torch
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one thread, and the CPU is shared (forked processes inherit it).
-    Files that train or time tiny models use it for every test: pytestmark = usefixtures("one_thread")."""
+    Files that train or time tiny models use it for every test: pytestmark = usefixtures("one_thread").
+    Module-scoped so that it is in force before the module's own fixtures train (a run trained on two
+    threads and resumed on one differs in the last bits)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
