@@ -253,7 +253,9 @@ class Scheduler:
         return True
 
     def _update(self, x, x0, g, g_s, level, interval, noise) -> torch.Tensor:
-        raise NotImplementedError
+        """One level's step from gamma g to g_s, used by the default `_advance`; schedulers that replace
+        `_advance` (DPM-Solver++ 2M keeps a history) do not need it."""
+        raise TypeError(f"{type(self).__name__} defines neither _update nor _advance")
 
 
 class DDIMScheduler(Scheduler):
