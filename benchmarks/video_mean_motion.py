@@ -19,17 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from matryoshka.pipeline import MatryoshkaPipeline
+from matryoshka.video.motion import centroid_track
 from matryoshka.video.moving_fashion_mnist import DIRECTIONS, MovingFashionMNIST
 
 
 def centroid_motion(x0: torch.Tensor) -> tuple[float, float]:
     """x0 (N, 1, T, S, S) in [-1, 1] -> mean (dx, dy) of the brightness centroid, last frame minus first."""
-    weight = (x0.clamp(-1, 1) + 1)[:, 0]  # black background weighs nothing
-    positions = torch.arange(x0.shape[-1], dtype=torch.float32)
-    total = weight.sum((2, 3)).clamp(min=1e-6)
-    cx = (weight.sum(2) * positions).sum(-1) / total
-    cy = (weight.sum(3) * positions).sum(-1) / total
-    return float((cx[:, -1] - cx[:, 0]).mean()), float((cy[:, -1] - cy[:, 0]).mean())
+    track = centroid_track(x0.clamp(-1, 1)).mean(dim=0)  # (T, 2)
+    dx, dy = (track[-1] - track[0]).tolist()
+    return dx, dy
 
 
 def main(argv: list[str] | None = None) -> int:

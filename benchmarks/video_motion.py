@@ -47,7 +47,7 @@ from matryoshka.video.motion import (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, required=True, help="a text-to-video model directory")
+    parser.add_argument("--model", required=True, help="a text-to-video model directory or bundled name")
     parser.add_argument("--classifier", type=Path, default=Path("runs/motion-classifier"),
                         help="motion classifier directory (trained and saved there if missing)")
     parser.add_argument("--classifier-steps", type=int, default=300)

@@ -74,11 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class", dest="class_label", metavar="NAME_OR_ID", help="class of a class-conditional model")
     parser.add_argument("--all-levels", action="store_true", help="also write FILE.level{i}.png for every level")
     parser.add_argument("--save-each", action="store_true",
-                        help="also write every image on its own: FILE.{i}.png (with --all-levels, also "
-                        "FILE.{i}.level{r}.png)")
+                        help="also write every image (or clip) on its own: FILE.{i}.png (with --all-levels, "
+                        "also FILE.{i}.level{r}.png)")
     parser.add_argument("--scale", type=int, default=1, metavar="N",
-                        help="enlarge the written images N times (nearest neighbour, for viewing small models; "
-                        "default 1)")
+                        help="enlarge the written images or clips N times (nearest neighbour, for viewing small "
+                        "models; default 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace output files that exist (without it an existing --out is refused, nothing "
                         "is written)")
@@ -289,12 +289,15 @@ def _image_outputs(tensors: list, args: argparse.Namespace) -> list[tuple[Path, 
     outputs = [(args.out, tensors[0])]
     levels = range(len(tensors)) if args.all_levels else []
     outputs += [(level_path(args.out, level), tensors[level]) for level in levels]
-    if args.save_each and tensors[0].shape[0] > 1:
-        for i in range(tensors[0].shape[0]):
-            each = args.out.with_name(f"{args.out.stem}.{i}{args.out.suffix or '.png'}")
-            outputs.append((each, tensors[0][i]))
-            outputs += [(level_path(each, level), tensors[level][i]) for level in levels]
+    for i, each in enumerate(_each_paths(args.out, tensors[0].shape[0]) if args.save_each else []):
+        outputs.append((each, tensors[0][i]))
+        outputs += [(level_path(each, level), tensors[level][i]) for level in levels]
     return outputs
+
+
+def _each_paths(out: Path, count: int) -> list[Path]:
+    """--save-each: FILE.{i}.EXT for every sample of a batch (none for a single sample, --out is it)."""
+    return [out.with_name(f"{out.stem}.{i}{out.suffix or '.png'}") for i in range(count)] if count > 1 else []
 
 
 def _planned_outputs(args: argparse.Namespace, pipe) -> list[Path]:
@@ -306,7 +309,10 @@ def _planned_outputs(args: argparse.Namespace, pipe) -> list[Path]:
     if pipe.is_video:
         from matryoshka.video.io import level_video_path
 
-        return [args.out, *([level_video_path(args.out, r) for r in range(len(shapes))] if args.all_levels else [])]
+        levels = range(len(shapes)) if args.all_levels else []
+        eaches = _each_paths(args.out, count) if args.save_each else []
+        return [args.out, *[level_video_path(args.out, r) for r in levels],
+                *[path for each in eaches for path in (each, *[level_video_path(each, r) for r in levels])]]
     return [path for path, _ in _image_outputs(shapes, args)]
 
 
@@ -320,11 +326,16 @@ def _check_out(out: Path, is_video: bool) -> None:
 
 
 def _write_videos(tensors: list, args: argparse.Namespace) -> list[Path]:
-    """The top level to --out (several samples tiled into one clip); every level with --all-levels."""
+    """--out (the top level; several samples tiled into one clip), FILE.level{r}.gif with --all-levels,
+    FILE.{i}.gif with --save-each (see _planned_outputs); every clip enlarged --scale times."""
     from matryoshka.video import save_video, save_video_levels, tile_videos
 
     top = tensors[0]
-    written = [save_video(top[0] if len(top) == 1 else tile_videos(top), args.out, fps=args.fps)]
+    written = [save_video(top[0] if len(top) == 1 else tile_videos(top), args.out, args.fps, args.scale)]
     if args.all_levels:
-        written += save_video_levels(tensors, args.out, fps=args.fps)
+        written += save_video_levels(tensors, args.out, args.fps, args.scale)
+    for i, each in enumerate(_each_paths(args.out, len(top)) if args.save_each else []):
+        written.append(save_video(top[i], each, args.fps, args.scale))
+        if args.all_levels:
+            written += save_video_levels([level[i] for level in tensors], each, args.fps, args.scale)
     return written

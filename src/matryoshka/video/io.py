@@ -159,6 +159,6 @@ def save_video_levels(
         factor = max(1, top // level.shape[-1])
         # Enlarge before tiling, so that every level's grid has the same layout and padding.
         level = level.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2)
-        video = tile_videos(level) if level.ndim == 5 else level
+        video = level if level.ndim == 4 else level[0] if len(level) == 1 else tile_videos(level)
         written.append(save_video(video, level_video_path(path, r), fps * level.shape[-3] / top_frames, upscale))
     return written
