@@ -46,8 +46,7 @@ from matryoshka.evaluation.run import EvalSettings, Evaluator, distribution_metr
 from matryoshka.models import NestedUNet
 from matryoshka.training import load_train_config
 from matryoshka.training.config import TrainConfig
-from matryoshka.training.loop import diffusion_loss
-from matryoshka.training.stages import stage_mdm_config
+from matryoshka.training.flops import training_step_flops
 from matryoshka.typed_config import ConfigError, load_yaml, require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,39 +96,6 @@ class StudySpec:
 
 # ---------------------------------------------------------------------------------------------------
 # Compute accounting
-
-
-def training_step_flops(config: TrainConfig, stage_index: int) -> float:
-    """FLOPs of one optimiser step of a stage: forward + backward of the trainer's loss at its batch size.
-
-    Text models get random token states (16 tokens): the frozen text encoder is not counted (its outputs
-    are cached during training)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from matryoshka.diffusion import PyramidSchedule
-
-    stage = config.stages[stage_index]
-    mdm = stage_mdm_config(config, stage_index)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = NestedUNet(mdm.model)
-    schedule = PyramidSchedule.from_config(mdm.diffusion, mdm.model.scales)
-    batch = (stage.batch_size or config.data.batch_size) * config.optim.grad_accum
-    final = config.mdm.model
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(batch, final.in_channels, final.image_size, final.image_size, generator=generator) * 2 - 1
-    t = torch.randint(0, schedule.num_train_steps, (batch,), generator=generator)
-    noise = [torch.randn(batch, mdm.model.in_channels, s, s, generator=generator) for s in mdm.model.sizes]
-    conditioning: dict[str, torch.Tensor] = {}
-    if final.num_classes:
-        conditioning["labels"] = torch.randint(0, final.num_classes, (batch,), generator=generator)
-    if final.text_dim:
-        conditioning["text_states"] = torch.randn(batch, 16, final.text_dim, generator=generator)
-        conditioning["text_mask"] = torch.ones(batch, 16, dtype=torch.bool)
-    with FlopCounterMode(display=False) as counter:
-        loss = diffusion_loss(model, images, final.scales, t, noise, conditioning, schedule, mdm.diffusion)
-        loss.total.mean().backward()
-    return float(counter.get_total_flops())
 
 
 @dataclass
