@@ -39,9 +39,11 @@ def test_eval_scores_a_text_to_video_model(tmp_path, capsys):
     assert cli.main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["num_clips"] == 8 and report["frame_fid"] > 0
+    floor = report["real_floor"]  # 8 real training clips: what a perfect model would score
+    assert floor["clips"] == 8 and 0 < floor["frame_fid"] < report["frame_fid"]
     motion = report["motion"]
     assert set(motion["per_direction"]) == {"left", "right", "up", "down"}
     assert 0 <= motion["direction_accuracy"] <= 1 and motion["chance"] == 0.25
     assert motion["still_copies"]["still"] >= 0 and 0 < report["consistency"]["real"] < 1
     assert (out / "samples.gif").is_file() and (out / "per_direction_accuracy.png").is_file()
-    assert "frame FID" in capsys.readouterr().out
+    assert "frame FID" in (printed := capsys.readouterr().out) and "real clips" in printed

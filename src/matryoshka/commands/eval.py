@@ -178,7 +178,8 @@ def run_video(args: argparse.Namespace, pipe) -> int:
     if not args.quiet:
         motion, consistency = report["motion"], report["consistency"]
         print(
-            f"{report['num_clips']} clips: frame FID {report['frame_fid']:.2f}  motion "
+            f"{report['num_clips']} clips: frame FID {report['frame_fid']:.2f} (as many real clips: "
+            f"{report['real_floor']['frame_fid']:.2f})  motion "
             f"{motion['direction_accuracy']:.0%} as asked ({motion['axis_accuracy']:.0%} on the axis; real "
             f"{motion['real']['direction_accuracy']:.0%}, still {motion['still_copies']['direction_accuracy']:.0%}, "
             f"chance 25%)  frame consistency {consistency['samples']:.3f} (real {consistency['real']:.3f})"

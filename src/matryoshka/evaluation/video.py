@@ -9,7 +9,8 @@ Prompts are moving Fashion-MNIST captions ("a bag sliding to the right"): clip i
 same kind of clip rendered from the Fashion-MNIST test split at the model's size and frame count.
 
 - frame FID / KID: the Inception features of every frame of every clip, against the real clips' frames
-  (what a clip looks like, frame by frame);
+  (what a clip looks like, frame by frame), beside the floor: as many real training clips scored the same
+  way (what a perfect model would get with this many clips);
 - motion: a small 3D-CNN classifier (matryoshka.video.motion, trained on real clips and cached; 4
   directions + "still") says which way each clip moves: accuracy (the asked direction), axis accuracy
   (the asked axis, either sign) and the share classified as still, next to real clips and to still
@@ -90,13 +91,25 @@ class VideoEvaluator:
             self._extractor = InceptionFeatureExtractor(device=self.settings.device)
         return self._extractor
 
-    def real_clips(self, model_config) -> torch.Tensor:
+    def real_clips(self, model_config, split: str = "test", count: int | None = None) -> torch.Tensor:
+        """(N, C, T, S, S) real clips of `split`: the reference (test; num_reference_clips) or the floor."""
         from matryoshka.video import MovingFashionMNIST
 
-        data = MovingFashionMNIST("test", num_frames=model_config.num_frames, image_size=model_config.image_size,
+        data = MovingFashionMNIST(split, num_frames=model_config.num_frames, image_size=model_config.image_size,
                                   channels=model_config.in_channels, caption_seed=0)
-        count = min(self.settings.num_reference_clips, len(data))
+        count = min(count or self.settings.num_reference_clips, len(data))
         return torch.stack([data[i]["video"] for i in range(count)])
+
+    def floor(self, model_config, reference) -> dict[str, Any]:
+        """Frame FID/KID of num_clips real training clips against the reference (cached features)."""
+        n = self.settings.num_clips
+        description = {"floor": "moving_fashion_mnist/train frames", "clips": n, "frames": model_config.num_frames,
+                       "size": model_config.image_size, "channels": model_config.in_channels}
+        real = cached_reference(self.inception(), lambda: frames_of(self.real_clips(model_config, "train", n)),
+                                description, self.cache_dir, progress=self.progress)
+        metrics = distribution_metrics(real.features, reference, self.settings.kid_subsets,
+                                       self.settings.kid_subset_size, seed=self.settings.seed)
+        return {"clips": n, "frame_fid": metrics["fid"], "frame_kid": metrics["kid"]}
 
     def motion_classifier(self, model_config):
         from matryoshka.video import MovingFashionMNIST
@@ -145,6 +158,7 @@ class VideoEvaluator:
                        "frames": config.num_frames, "size": config.image_size, "channels": config.in_channels}
         reference = cached_reference(self.inception(), lambda: frames_of(real), description, self.cache_dir,
                                      progress=self.progress)
+        floor = self.floor(config, reference)
         timings["reference"] = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -185,6 +199,7 @@ class VideoEvaluator:
             "num_clips": n,
             "frame_fid": metrics["fid"],
             "frame_kid": metrics["kid"],
+            "real_floor": floor,
             "motion": {**motion(predicted, directions), "per_direction": per_direction,
                        "real": motion(real_predicted, real_directions),
                        "still_copies": motion(predicted_still, directions), "chance": 0.25,
