@@ -27,6 +27,7 @@ import torch
 
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.models import ModelConfig, NestedUNet
+from matryoshka.models.memory_format import set_memory_format, with_memory_format
 from matryoshka.training import load_train_config
 from matryoshka.training.config import OptimConfig
 from matryoshka.training.loop import diffusion_loss
@@ -193,9 +194,10 @@ def synthetic_inputs(workload: Workload, device: torch.device, seed: int = 0) ->
     """Clean top-level images, t, per-level noise and conditioning kwargs, on `device`."""
     model = workload.model
     generator = torch.Generator().manual_seed(seed)
-    b, c, s = workload.batch, model.in_channels, model.image_size
-    images = torch.rand(b, c, s, s, generator=generator) * 2 - 1
-    noise = [torch.randn(b, c, size, size, generator=generator) for size in model.sizes]
+    b = workload.batch
+    shapes = model.level_shapes()  # (C, S, S) per level, or (C, T, S, S) for a video model
+    images = torch.rand(b, *shapes[0], generator=generator) * 2 - 1
+    noise = [torch.randn(b, *shape, generator=generator) for shape in shapes]
     t = torch.randint(0, 1000, (b,), generator=generator)
     conditioning: dict[str, torch.Tensor] = {}
     if model.num_classes > 0:
@@ -258,7 +260,7 @@ def build_model(workload: Workload, options: Options, device: torch.device, seed
     if options.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
     memory_format = torch.channels_last if options.channels_last else torch.preserve_format
-    return model.to(device, memory_format=memory_format)
+    return set_memory_format(model.to(device), memory_format)
 
 
 def _first_call(step: Step) -> Step:
@@ -290,6 +292,7 @@ def build_train_step(
             loss = diffusion_loss(
                 forward, inputs["images"], workload.model.scales, inputs["t"], inputs["noise"],
                 inputs["conditioning"], schedule, workload.diffusion, options.channels_last,
+                time_scales=workload.model.time_scales if workload.model.num_frames else None,
             )
         loss.mean().backward()
         if optimizer is not None:
@@ -310,7 +313,7 @@ def build_forward(workload: Workload, options: Options, device: torch.device, se
     rows = batch or workload.batch
     inputs = synthetic_inputs(dataclasses.replace(workload, batch=rows), device, seed)
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
-    pyramid = [x.contiguous(memory_format=memory_format) for x in inputs["noise"]]
+    pyramid = [with_memory_format(x, memory_format) for x in inputs["noise"]]
     bf16 = options.precision == "bf16"
 
     @torch.no_grad()
@@ -335,6 +338,7 @@ def step_flops(workload: Workload, train: bool = True, batch: int | None = None)
             loss = diffusion_loss(
                 model, inputs["images"], workload.model.scales, inputs["t"], inputs["noise"],
                 inputs["conditioning"], schedule, workload.diffusion,
+                time_scales=workload.model.time_scales if workload.model.num_frames else None,
             )
             loss.mean().backward()
         else:
@@ -503,6 +507,14 @@ def train_step_runs(workload: Workload, options: Options, device_name: str = "cp
     hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
     cache = f" ({hits} hit/{misses} miss)" if options.compile else ""
     return {"run": step.run}, {"first_call_s": step.first_call_s, "cache": cache}
+
+
+def forward_runs(workload: Workload, options: Options, rows: int, device_name: str = "cpu") -> tuple[dict, dict]:
+    """IsolatedRuns builder: one denoiser forward of `rows` rows (`run`; a guided sampling step of B
+    samples is a forward of 2B rows, both branches in one batch); info: its first call's seconds."""
+    with quiet_compile_logs():
+        step = build_forward(workload, options, torch.device(device_name), batch=rows)
+    return {"run": step.run}, {"first_call_s": step.first_call_s, "cache": ""}
 
 
 def peak_step_runs(device_name: str = "cpu") -> tuple[dict, dict]:

@@ -86,3 +86,21 @@ def test_its_high_noise_estimate_already_moves_the_way_the_caption_says(pipe):
         drift[direction] = (track[-1] - track[0]).tolist()
     assert drift["left"][0] < -2 and drift["right"][0] > 2, drift
     assert drift["up"][1] < -2 and drift["down"][1] > 2, drift
+
+
+def test_channels_last_works_for_a_video_model_and_draws_the_same_clip(tmp_path):
+    """channels_last exists for rank-4 tensors only: the 2-D convolutions change layout, the temporal
+    convolutions' 5-D weights keep theirs (Module.to(memory_format=...) would fail on them)."""
+    plain = MatryoshkaPipeline.from_pretrained("fashion-t2v")
+    reference = plain("a bag moving up", num_inference_steps=3, generator=0, output_type="pt").tensors[0]
+    assert plain.to(memory_format=torch.channels_last) is plain
+    weights = [p for p in plain.model.parameters() if p.dim() >= 4]
+    assert any(w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+               for w in weights)
+    assert any(w.dim() == 5 for w in weights)
+    clip = plain("a bag moving up", num_inference_steps=3, generator=0, output_type="pt").tensors[0]
+    assert (clip - reference).abs().max() < 1e-4  # summation order only
+    out = tmp_path / "cl.gif"
+    argv = ["generate", "a bag moving up", "--model", "fashion-t2v", "--steps", "2", "--channels-last", "--quiet",
+            "--out", str(out)]
+    assert cli.main(argv) == 0 and len(gif_frames(out)) == 8

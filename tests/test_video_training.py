@@ -157,3 +157,16 @@ def test_an_inflated_image_model_trains_only_its_temporal_layers(tmp_path):
     assert any(not torch.equal(trained[n], initial.state_dict()[n]) for n in names)  # the temporal ones moved
     with pytest.raises(ConfigError, match="trainable"):
         tiny_config(["stages=[{levels: 2, steps: 1, trainable: temporal}]"])
+
+
+def test_channels_last_trains_a_video_model_like_the_contiguous_layout(tmp_path):
+    """optim.channels_last on a model with 3-D (temporal) convolutions: their 5-D weights keep their
+    layout, the 2-D convolutions go channels-last, and training follows the same numbers."""
+    overrides = [*VIDEO, "mdm.model.levels.1.temporal_conv=true", "mdm.model.levels.1.temporal_conv_space=3",
+                 "stages=[{levels: 2, steps: 3}]", "logging.sample_count=0"]
+    plain = train(tiny_config(overrides), tmp_path / "plain")
+    last = train(tiny_config([*overrides, "optim.channels_last=true"]), tmp_path / "channels-last")
+    (a, _), (b, _) = load_model_dir(plain.model_dir), load_model_dir(last.model_dir)
+    assert any(p.dim() == 5 for p in a.parameters())
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.allclose(x, y, atol=1e-5), name

@@ -43,6 +43,7 @@ from matryoshka.model_dir import (
     save_model_dir,
 )
 from matryoshka.models import NestedUNet
+from matryoshka.models.memory_format import set_memory_format
 from matryoshka.schedulers import Scheduler, SchedulerConfig, available_schedulers, make_scheduler, randn
 
 ClassLabel = int | str
@@ -260,7 +261,7 @@ class MatryoshkaPipeline:
         if dtype is not None:
             self.model.to(dtype)
         if memory_format is not None:
-            self.model.to(memory_format=memory_format)
+            set_memory_format(self.model, memory_format)
         return self
 
     # ---- LoRA adapters (matryoshka.lora), as in diffusers ------------------------------------------------

@@ -34,6 +34,7 @@ from matryoshka.lora import LoRAConfig, add_adapter, freeze_all_but_adapters, me
 from matryoshka.losses import LossOutput, multi_resolution_loss, rows_per_level
 from matryoshka.model_dir import MDMConfig, save_model_dir
 from matryoshka.models import NestedUNet
+from matryoshka.models.memory_format import set_memory_format, with_memory_format
 from matryoshka.training import distributed
 from matryoshka.training.checkpoint import (
     RunWriteError,
@@ -320,8 +321,8 @@ def open_stage(run: Run, stage_index: int) -> Stage:
     if config.optim.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
     memory_format = torch.channels_last if config.optim.channels_last else torch.preserve_format
-    model.to(device, memory_format=memory_format)
-    ema_model.to(device, memory_format=memory_format)
+    set_memory_format(model.to(device), memory_format)
+    set_memory_format(ema_model.to(device), memory_format)
     wrapped = distributed.wrap(model, config.distributed, run.runtime)
     # The compiled module shares `wrapped`'s weights; clipping, the optimizer and checkpoints use `wrapped`.
     forward = torch.compile(wrapped) if config.optim.compile else wrapped
@@ -549,7 +550,7 @@ def diffusion_loss(
     ]
     inputs = [pyr.model_input(x, g[:n], diffusion.prediction) for x, g, n in zip(noisy, gammas, rows, strict=True)]
     if channels_last:
-        inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
+        inputs = [with_memory_format(x, torch.channels_last) for x in inputs]
     predictions = model(inputs, t, **conditioning)
     return multi_resolution_loss(predictions, clean, noise, noisy, t, schedule, diffusion)
 

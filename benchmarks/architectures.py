@@ -1,0 +1,141 @@
+"""Fast on every architecture a user brings: the training step and the guided sampling step of a set of
+architectures, in every documented precision path, each path in its own process, ratios to fp32.
+
+The set stands for what users bring, not only what we tuned:
+- tiny, tiny_t2i: the Fashion-MNIST presets (32 over 16 px; class labels / MiniLM text);
+- three_level: a model in the official layout at 32/16/8 px (masked cross-attention on 384-d text
+  states, attention with FFN at both resolutions of the core, a mid block; 4.4M parameters);
+- video_tiny: the text-to-video preset (8 frames, 32 over 16 px, temporal convolutions and attention);
+- official64, official256: the released t2i_256 architectures (the 64 px core; 256 over 64), random
+  weights, batch --official-batch, forward + backward without AdamW (its state does not fit beside the
+  rest on a small machine).
+
+Paths: eager fp32 (the reference), bf16 autocast, bf16 autocast + channels_last, torch.compile (fp32).
+A training step is the trainer's loss, backward and AdamW step on synthetic inputs; a guided sampling
+step is one denoiser forward of 2 x batch rows (both guidance branches in one batch, as the pipeline
+runs them). Every path of an architecture is built in its own spawned process (perf_common.IsolatedRuns)
+and the processes take turns, round by round, so load changes hit every path alike; each ratio is the
+median over rounds of fp32 time / path time in the same round, with its min..max.
+
+    python benchmarks/architectures.py                                 # every architecture, 2 threads
+    python benchmarks/architectures.py --archs tiny three_level --rounds 9 --threads 2
+    python benchmarks/architectures.py --archs official64 --paths fp32 bf16 --rounds 3
+
+Run it on a quiet machine: the ratios are robust to steady load, not to load that comes and goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from perf_common import (  # noqa: E402
+    IsolatedRuns,
+    Options,
+    Workload,
+    forward_runs,
+    machine_line,
+    paired_speedup,
+    preset_workload,
+    train_step_runs,
+    workloads,
+)
+
+from matryoshka.models import LevelConfig, ModelConfig  # noqa: E402
+
+PATHS = {
+    "fp32": Options(),
+    "bf16": Options(precision="bf16"),
+    "bf16+cl": Options(precision="bf16", channels_last=True),
+    "compiled": Options(compile=True),
+}
+
+
+def three_level(batch: int) -> Workload:
+    """32/16/8 px in the official layout: the released models' options on a small model."""
+    levels = [
+        LevelConfig([32, 32], [1, 1], norm_groups=8, temb_dim=128),
+        LevelConfig([32, 64], [1, 1], norm_groups=8, temb_dim=128),
+        LevelConfig([48, 96], [2, 2], attention_layers=[1, 1], attention_ffn=True, num_heads=4, mid_block=True,
+                    norm_groups=8, temb_dim=128),
+    ]
+    model = ModelConfig(levels=levels, image_size=32, in_channels=3, text_dim=384, masked_cross_attention=True)
+    diffusion = preset_workload("fashion_t2i_32x16").diffusion
+    return Workload("three-level official layout 32/16/8", model, dataclasses.replace(diffusion, level_weights=None),
+                    batch)
+
+
+def architecture(name: str, batch: int, official_batch: int) -> Workload:
+    if name == "three_level":
+        return three_level(batch)
+    if name == "video_tiny":
+        return preset_workload("video_tiny", batch=max(1, batch // 4))  # a batch of clips: 8 frames each
+    return workloads([name], batch=batch, official_batch=official_batch)[0]
+
+
+def measure(workload: Workload, paths: list[str], kind: str, rounds: int, calls: int, threads: int,
+            official: bool) -> dict[str, dict]:
+    """Per path: median seconds per call, and its speed over fp32 (median, min, max over rounds)."""
+    with IsolatedRuns(threads) as isolated:
+        for path in paths:
+            options = PATHS[path]
+            if official:
+                options = dataclasses.replace(options, optimizer=None)
+            if kind == "train":
+                isolated.add(path, train_step_runs, workload, options)
+            else:
+                isolated.add(path, forward_runs, workload, options, 2 * workload.batch)
+        timings = isolated.time_round_robin(rounds, calls, torch.device("cpu"))
+        first = {path: isolated.info[path]["first_call_s"] for path in paths}
+    reference = timings[paths[0]]
+    return {path: {"ms": 1e3 * timings[path].median, "first_s": first[path],
+                   "speed": paired_speedup(reference, timings[path])} for path in paths}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", nargs="+", default=["tiny", "tiny_t2i", "three_level", "video_tiny", "official64",
+                                                       "official256"])
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS),
+                        help="the first is the reference (default fp32)")
+    parser.add_argument("--kinds", nargs="+", default=["train", "sample"], choices=["train", "sample"])
+    parser.add_argument("--batch", type=int, default=8, help="images per step (video: clips = batch / 4)")
+    parser.add_argument("--official-batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=3, help="calls per round (official models: 1)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    print(f"machine: {machine_line()}; {args.threads} thread(s) per process, {args.rounds} rounds\n")
+    header = "| architecture | params | step | " + " | ".join(args.paths) + " |"
+    print(header)
+    print("|---|---:|---|" + "---:|" * len(args.paths))
+    for name in args.archs:
+        workload = architecture(name, args.batch, args.official_batch)
+        official = name.startswith("official")
+        for kind in args.kinds:
+            results = measure(workload, args.paths, kind, args.rounds, 1 if official else args.calls, args.threads,
+                              official)
+            cells = []
+            for path in args.paths:
+                result = results[path]
+                if path == args.paths[0]:
+                    cells.append(f"{result['ms']:.1f} ms")
+                else:
+                    median, low, high = result["speed"]
+                    cells.append(f"{median:.2f}x ({low:.2f}..{high:.2f})")
+            step = f"{kind} (batch {workload.batch}{', no AdamW' if official and kind == 'train' else ''})"
+            print(f"| {workload.name} | {workload.parameters / 1e6:.1f}M | {step} | " + " | ".join(cells) + " |",
+                  flush=True)
+    print(f"\ncells: the {args.paths[0]} step's median time, then each path's speed over it (median over rounds of "
+          "the two times' ratio in the same round, min..max); > 1 = faster")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
