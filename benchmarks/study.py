@@ -418,7 +418,8 @@ def plot(spec: StudySpec, rows: list[dict], real: dict | None, path: Path) -> No
     if real:
         axes.axhline(real["fid"], color="grey", linestyle="--", linewidth=1, label=f"{real['label']} (floor)")
     axes.set_xlabel("training compute (TFLOP, forward + backward)")
-    axes.set_ylabel("FID (lower is better)")
+    axes.set_ylabel("FID (lower is better; log scale)")
+    axes.set_yscale("log")  # one arm far behind (an untrained band: FID in the hundreds) hides no other
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=7)
     axes.set_title(f"{spec.name}: FID of {spec.eval.num_samples} samples vs training compute "
