@@ -310,9 +310,8 @@ def _planned_outputs(args: argparse.Namespace, pipe) -> list[Path]:
         from matryoshka.video.io import level_video_path
 
         levels = range(len(shapes)) if args.all_levels else []
-        eaches = _each_paths(args.out, count) if args.save_each else []
-        return [args.out, *[level_video_path(args.out, r) for r in levels],
-                *[path for each in eaches for path in (each, *[level_video_path(each, r) for r in levels])]]
+        return [path for clip, _ in _video_outputs(args, count)
+                for path in (clip, *[level_video_path(clip, r) for r in levels])]
     return [path for path, _ in _image_outputs(shapes, args)]
 
 
@@ -325,17 +324,22 @@ def _check_out(out: Path, is_video: bool) -> None:
         raise ValueError(f"this is an image model: --out {out} asks for a video; use .png")
 
 
+def _video_outputs(args: argparse.Namespace, count: int) -> list[tuple[Path, int | None]]:
+    """(path, sample index) of every top-level clip: --out (None: every sample, tiled into one clip) and,
+    with --save-each, FILE.{i}.gif for sample i. With --all-levels each also gets its FILE.level{r}."""
+    eaches = _each_paths(args.out, count) if args.save_each else []
+    return [(args.out, None), *[(each, i) for i, each in enumerate(eaches)]]
+
+
 def _write_videos(tensors: list, args: argparse.Namespace) -> list[Path]:
-    """--out (the top level; several samples tiled into one clip), FILE.level{r}.gif with --all-levels,
-    FILE.{i}.gif with --save-each (see _planned_outputs); every clip enlarged --scale times."""
+    """The clips of _video_outputs (the files _planned_outputs checked), enlarged --scale times."""
     from matryoshka.video import save_video, save_video_levels, tile_videos
 
-    top = tensors[0]
-    written = [save_video(top[0] if len(top) == 1 else tile_videos(top), args.out, args.fps, args.scale)]
-    if args.all_levels:
-        written += save_video_levels(tensors, args.out, args.fps, args.scale)
-    for i, each in enumerate(_each_paths(args.out, len(top)) if args.save_each else []):
-        written.append(save_video(top[i], each, args.fps, args.scale))
+    written = []
+    for path, index in _video_outputs(args, len(tensors[0])):
+        levels = tensors if index is None else [level[index : index + 1] for level in tensors]
+        top = levels[0]
+        written.append(save_video(top[0] if len(top) == 1 else tile_videos(top), path, args.fps, args.scale))
         if args.all_levels:
-            written += save_video_levels([level[i] for level in tensors], each, args.fps, args.scale)
+            written += save_video_levels(levels, path, args.fps, args.scale)
     return written

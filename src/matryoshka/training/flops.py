@@ -30,11 +30,9 @@ def training_step_flops(config: TrainConfig, stage_index: int) -> float:
         torch.manual_seed(0)
         model = NestedUNet(mdm.model)
     if stage.trainable == "temporal":
-        from matryoshka.video import temporal_parameters
+        from matryoshka.video import freeze_all_but_temporal
 
-        temporal = {id(p) for p in temporal_parameters(model)}
-        for parameter in model.parameters():
-            parameter.requires_grad_(id(parameter) in temporal)
+        freeze_all_but_temporal(model)
     schedule = PyramidSchedule.from_config(mdm.diffusion, mdm.model.scales)
     batch = (stage.batch_size or config.data.batch_size) * config.optim.grad_accum
     final = config.mdm.model
@@ -55,7 +53,3 @@ def training_step_flops(config: TrainConfig, stage_index: int) -> float:
         loss.total.mean().backward()
     return float(counter.get_total_flops())
 
-
-def training_flops(config: TrainConfig) -> list[float]:
-    """FLOPs of every stage of `config` as configured: steps x training_step_flops, one per stage."""
-    return [stage.steps * training_step_flops(config, i) for i, stage in enumerate(config.stages)]

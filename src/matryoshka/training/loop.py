@@ -311,13 +311,10 @@ def open_stage(run: Run, stage_index: int) -> Stage:
     if config.lora is not None:
         freeze_all_but_adapters(model)
     if stage.trainable == "temporal":
-        from matryoshka.video import temporal_parameters
+        from matryoshka.video import freeze_all_but_temporal
 
-        temporal = {id(p) for p in temporal_parameters(model)}
-        if not temporal:
+        if not freeze_all_but_temporal(model):
             raise ConfigError(f"stages[{stage_index}].trainable", "is temporal but the model has no temporal layers")
-        for parameter in model.parameters():
-            parameter.requires_grad_(id(parameter) in temporal)
     if config.optim.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
     memory_format = torch.channels_last if config.optim.channels_last else torch.preserve_format

@@ -6,7 +6,13 @@ for video. This package imports nothing from training, CLI or demo code.
 
 from .datasets import VideoFolderDataset, VideoShardDataset
 from .decoding import VIDEO_EXTENSIONS, count_frames, decode_clip, frame_indices, read_video
-from .inflation import image_counterpart, inflate_image_model, load_image_weights, temporal_parameters
+from .inflation import (
+    freeze_all_but_temporal,
+    image_counterpart,
+    inflate_image_model,
+    load_image_weights,
+    temporal_parameters,
+)
 from .io import level_video_path, mp4_codec, save_video, save_video_levels, tile_videos, video_to_frames
 from .moving_fashion_mnist import (
     DIRECTION_PHRASES,
@@ -45,6 +51,7 @@ __all__ = [
     "save_video",
     "save_video_levels",
     "temporal_parameters",
+    "freeze_all_but_temporal",
     "tile_videos",
     "video_to_frames",
 ]

@@ -133,3 +133,13 @@ def temporal_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters of the temporal layers and frame embeddings, which an image model does not have
     (for freezing the rest, or a separate learning rate)."""
     return [p for name, p in model.named_parameters() if any(mark in name for mark in VIDEO_ONLY_MARKS)]
+
+
+def freeze_all_but_temporal(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Leave only `temporal_parameters(model)` trainable (requires_grad); returns them (empty: the model
+    has no temporal layers, and nothing is left trainable)."""
+    temporal = temporal_parameters(model)
+    kept = {id(p) for p in temporal}
+    for parameter in model.parameters():
+        parameter.requires_grad_(id(parameter) in kept)
+    return temporal
