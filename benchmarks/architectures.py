@@ -10,8 +10,10 @@ The set stands for what users bring, not only what we tuned:
   weights, batch --official-batch, forward + backward without AdamW (its state does not fit beside the
   rest on a small machine).
 
-Paths: eager fp32 (the reference), bf16 autocast, bf16 autocast + channels_last, torch.compile (fp32).
-A training step is the trainer's loss, backward and AdamW step on synthetic inputs; a guided sampling
+Paths: eager fp32 (the reference), bf16 autocast, bf16 autocast + channels_last, torch.compile (fp32),
+and what precision="auto" picks (matryoshka.precision, measured in this process).
+A training step is the trainer's loss, backward and (fused, the trainer's default) AdamW step on
+synthetic inputs; a guided sampling
 step is one denoiser forward of 2 x batch rows (both guidance branches in one batch, as the pipeline
 runs them). Every path of an architecture is built in its own spawned process (perf_common.IsolatedRuns)
 and the processes take turns, round by round, so load changes hit every path alike; each ratio is the
@@ -46,14 +48,26 @@ from perf_common import (  # noqa: E402
     workloads,
 )
 
-from matryoshka.models import LevelConfig, ModelConfig  # noqa: E402
+from matryoshka.models import LevelConfig, ModelConfig, NestedUNet  # noqa: E402
+from matryoshka.precision import MIN_SPEEDUP, bf16_speedup  # noqa: E402
 
+TRAINER_ADAMW = "auto"  # the trainer's default: the fused kernel on CPU and CUDA
 PATHS = {
-    "fp32": Options(),
-    "bf16": Options(precision="bf16"),
-    "bf16+cl": Options(precision="bf16", channels_last=True),
-    "compiled": Options(compile=True),
+    "fp32": Options(optimizer=TRAINER_ADAMW),
+    "bf16": Options(precision="bf16", optimizer=TRAINER_ADAMW),
+    "bf16+cl": Options(precision="bf16", channels_last=True, optimizer=TRAINER_ADAMW),
+    "compiled": Options(compile=True, optimizer=TRAINER_ADAMW),
 }
+
+
+def auto_choice(workload: Workload, kind: str, threads: int) -> str:
+    """What precision="auto" picks for this architecture here, and the bf16 speed-up it measured."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = NestedUNet(workload.model).train(kind == "train")
+    rows = workload.batch if kind == "train" else 2 * workload.batch
+    speedup = bf16_speedup(model, rows, train=kind == "train")
+    return f"{'bf16' if speedup >= MIN_SPEEDUP else 'fp32'} ({speedup:.2f}x)"
 
 
 def three_level(batch: int) -> Workload:
@@ -112,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     print(f"machine: {machine_line()}; {args.threads} thread(s) per process, {args.rounds} rounds\n")
-    header = "| architecture | params | step | " + " | ".join(args.paths) + " |"
+    header = "| architecture | params | step | " + " | ".join(args.paths) + " | auto picks |"
     print(header)
-    print("|---|---:|---|" + "---:|" * len(args.paths))
+    print("|---|---:|---|" + "---:|" * len(args.paths) + "---|")
     for name in args.archs:
         workload = architecture(name, args.batch, args.official_batch)
         official = name.startswith("official")
@@ -130,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                     median, low, high = result["speed"]
                     cells.append(f"{median:.2f}x ({low:.2f}..{high:.2f})")
             step = f"{kind} (batch {workload.batch}{', no AdamW' if official and kind == 'train' else ''})"
+            cells.append(auto_choice(workload, kind, args.threads))
             print(f"| {workload.name} | {workload.parameters / 1e6:.1f}M | {step} | " + " | ".join(cells) + " |",
                   flush=True)
     print(f"\ncells: the {args.paths[0]} step's median time, then each path's speed over it (median over rounds of "
-          "the two times' ratio in the same round, min..max); > 1 = faster")
+          "the two times' ratio in the same round, min..max); > 1 = faster. auto picks: what precision=\"auto\" "
+          f"chooses (bf16 when its own short measurement, shown, is at least {MIN_SPEEDUP}x)")
     return 0
 
 

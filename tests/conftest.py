@@ -16,3 +16,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def precision_cache(tmp_path_factory):
+    """precision="auto" measures once per model and machine and caches the answer; tests keep that cache
+    out of the user's home (one per test session)."""
+    import matryoshka.precision
+
+    directory = tmp_path_factory.mktemp("precision-cache")
+    original = matryoshka.precision.default_cache_dir
+    matryoshka.precision.default_cache_dir = lambda: directory
+    yield directory
+    matryoshka.precision.default_cache_dir = original

@@ -22,7 +22,7 @@ from helpers import run_sampler
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.guidance import classifier_free_guidance
 from matryoshka.models import NestedUNet
-from matryoshka.models.layers import Attention, GroupNorm, attention
+from matryoshka.models.layers import SMALL_MATMUL_MACS, Attention, GroupNorm, Linear, attention
 from matryoshka.schedule import spaced_timesteps
 from matryoshka.training import read_metrics, train
 from matryoshka.training.config import OptimConfig
@@ -128,6 +128,33 @@ def test_cpu_bf16_attention_is_computed_in_float32_below_1024_keys_and_keeps_its
     q, k, v = (torch.randn(1, 1, 1024, 16, generator=generator).bfloat16() for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_cpu_bf16_small_linear_is_computed_in_float32_and_large_one_in_bf16():
+    """Few rows (time embedding, FiLM, caption tokens): float32 inside autocast, returned in bf16 as the
+    autocast Linear returns it, gradients to input and parameters; many rows: autocast's bf16 matmul."""
+    generator = torch.Generator().manual_seed(0)
+    layer = Linear(128, 256)
+    x = torch.randn(8, 128, generator=generator, requires_grad=True)
+    assert SMALL_MATMUL_MACS > 8 * 128 * 256
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        autocast_result = F.linear(x, layer.weight, layer.bias)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, F.linear(x, layer.weight, layer.bias).bfloat16())  # float32 math, one rounding
+    assert not torch.equal(out, autocast_result)  # the bf16 matmul rounds its inputs first
+    out.float().sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
+    torch.testing.assert_close(layer.bias.grad, torch.full((256,), 8.0))
+
+    rows = SMALL_MATMUL_MACS // (128 * 256) + 1
+    big = torch.randn(rows, 128, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(big), F.linear(big, layer.weight, layer.bias))
+    # Outside autocast it is torch's nn.Linear, bit for bit, with the same parameter names.
+    plain = torch.nn.Linear(128, 256)
+    plain.load_state_dict(layer.state_dict())
+    assert torch.equal(layer(x), plain(x))
 
 
 # ------------------------------------------------------------------------------------------------

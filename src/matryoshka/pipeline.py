@@ -44,6 +44,7 @@ from matryoshka.model_dir import (
 )
 from matryoshka.models import NestedUNet
 from matryoshka.models.memory_format import set_memory_format
+from matryoshka.precision import PRECISIONS, resolve_precision
 from matryoshka.schedulers import Scheduler, SchedulerConfig, available_schedulers, make_scheduler, randn
 
 ClassLabel = int | str
@@ -425,7 +426,8 @@ class MatryoshkaPipeline:
             with their masks (B, S) (default: every token real); the negative default is the encoded "".
         precision: "fp32", "bf16" or "fp16": the network runs under that autocast (the sampler's arithmetic
             stays in float32); faster on GPUs and on CPUs with AVX512-BF16 (BENCHMARKS.md, "Performance").
-            An fp16 call whose outputs overflow is run again in float32 (with a warning).
+            An fp16 call whose outputs overflow is run again in float32 (with a warning). "auto": the
+            faster of bf16 and fp32 for this network and batch (`fastest_precision`).
         guidance_interval: guide only while a level's noise level is inside it (Kynkaanniemi et al. 2024):
             a GuidanceInterval (bounds in sigma, log-SNR or t), a (low, high) tuple in sigma = sqrt((1 - g) / g)
             of the level's own shifted schedule, or one per level (None = always). Outside it a step runs
@@ -441,8 +443,8 @@ class MatryoshkaPipeline:
         num_inference_steps = recommended.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance_scale = recommended.guidance_scale if guidance_scale is None else guidance_scale
         scheduler = self._scheduler_for(sampler, eta)
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if num_images_per_prompt < 1:
@@ -452,6 +454,8 @@ class MatryoshkaPipeline:
             prompt, negative_prompt, class_labels, num_images_per_prompt, prompt_embeds, negative_prompt_embeds,
             prompt_attention_mask, negative_prompt_attention_mask,
         )
+        if precision == "auto":
+            precision = self.fastest_precision(2 * batch if conditional else batch)
         denoiser, guided = self._denoiser(conditional, unconditional, scales, guidance_interval, guidance_rescale,
                                           guide_model, precision)
         generator = self._generator(generator, batch)
@@ -526,6 +530,14 @@ class MatryoshkaPipeline:
             conditional["labels"] = ids.to(self.device)
             unconditional["labels"] = torch.full_like(ids, self.config.model.num_classes).to(self.device)
         return conditional, unconditional, batch
+
+    def fastest_precision(self, rows: int) -> str:
+        """What precision="auto" runs: "bf16" or "fp32", whichever computes a denoiser call of `rows`
+        rows faster for this network on this device (matryoshka.precision: a rule on GPUs, measured once
+        and cached on a CPU). A network already stored in a low-precision dtype runs as it is."""
+        if self.dtype != torch.float32:
+            return "fp32"
+        return resolve_precision("auto", self.model, self.device, rows)
 
     def _denoiser(self, conditional: dict, unconditional: dict, scales, interval, rescale: float, guide_model,
                   precision: str):

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes the page to the network)",
     )
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
                         help="bf16: the network under bf16 autocast (see `matryoshka generate --help`). Default fp32")
     parser.add_argument("--channels-last", action="store_true",
                         help="run the network's convolutions channels-last (same images; faster on a CPU)")

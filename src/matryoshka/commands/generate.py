@@ -88,9 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="level the init image pins (0 = highest; default: the level of its size, else the core)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
-        "--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+        "--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
         help="bf16 / fp16: run the network under that autocast (faster on GPUs and CPUs with AVX512-BF16; images "
-        "differ slightly from fp32 ones; an fp16 step that overflows runs again in fp32). Default fp32",
+        "differ slightly from fp32 ones; an fp16 step that overflows runs again in fp32). auto: the faster of bf16 "
+        "and fp32 for this model and batch (measured once on a CPU, cached in $MATRYOSHKA_CACHE). Default fp32",
     )
     parser.add_argument(
         "--channels-last", action="store_true",

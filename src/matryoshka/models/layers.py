@@ -90,6 +90,43 @@ class GroupNorm(nn.GroupNorm):
         return super().forward(x)
 
 
+# Below this many multiply-adds (rows x in x out) a CPU matmul is slower in bf16 than in float32:
+# the per-call conversion and packing cost more than the narrower arithmetic saves
+# (benchmarks/profile_ops.py; BENCHMARKS.md, "Every architecture a user brings").
+SMALL_MATMUL_MACS = 6_000_000
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose small CPU matmuls run in float32 under low-precision autocast.
+
+    Same parameters and result as nn.Linear. The time-embedding MLPs, the FiLM layers of every ResNet
+    and the text projections multiply only a few rows (one per sample, or per token of a short
+    caption); under CPU autocast such a matmul is slower in bf16 than in float32, so it is computed in
+    float32 and returned in the autocast dtype, as the autocast Linear would return it. Large ones keep
+    autocast's bf16 matmul.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and _cpu_autocast_dtype() is not None
+            and x.numel() * self.out_features < SMALL_MATMUL_MACS
+        ):
+            dtype = _cpu_autocast_dtype()
+            with torch.autocast("cpu", enabled=False):
+                out = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+            return out.to(dtype)
+        return super().forward(x)
+
+
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The CPU autocast dtype when CPU autocast is on, else None."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4 names the device; the old calls are deprecated
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
 class ResNet(nn.Module):
     """GN -> SiLU -> conv3x3, FiLM by the time embedding, dropout, zero-init conv3x3, 1x1 skip."""
 
@@ -97,7 +134,7 @@ class ResNet(nn.Module):
         super().__init__()
         self.norm1 = GroupNorm(groups, in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_layer = nn.Linear(temb_dim, 2 * out_channels)
+        self.time_layer = Linear(temb_dim, 2 * out_channels)
         self.norm2 = GroupNorm(groups, out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
@@ -130,7 +167,7 @@ class Attention(nn.Module):
         self.cond_dim = cond_dim
         if cond_dim > 0:
             self.norm_cond = nn.LayerNorm(cond_dim)
-            self.kv_cond = nn.Linear(cond_dim, 2 * channels)
+            self.kv_cond = Linear(cond_dim, 2 * channels)
         self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
         self.ffn = (
             nn.Sequential(
@@ -186,8 +223,8 @@ class TokenSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.norm = nn.LayerNorm(channels)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj_out = zero_init(nn.Linear(channels, channels))
+        self.qkv = Linear(channels, 3 * channels)
+        self.proj_out = zero_init(Linear(channels, channels))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, s, d = x.shape
@@ -210,9 +247,9 @@ class TokenMLP(nn.Module):
         super().__init__()
         self.main = nn.Sequential(
             nn.LayerNorm(channels),
-            nn.Linear(channels, multiplier * channels),
+            Linear(channels, multiplier * channels),
             nn.GELU(),
-            zero_init(nn.Linear(multiplier * channels, channels)),
+            zero_init(Linear(multiplier * channels, channels)),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -276,8 +313,8 @@ class TemporalAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads if channels % num_heads == 0 else 1
         self.norm = nn.LayerNorm(channels)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj_out = zero_init(nn.Linear(channels, channels))
+        self.qkv = Linear(channels, 3 * channels)
+        self.proj_out = zero_init(Linear(channels, channels))
         self.mlp = TokenMLP(channels)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from matryoshka.models.config import LevelConfig, ModelConfig
 from matryoshka.models.layers import (
     GroupNorm,
+    Linear,
     ResNetBlock,
     SinusoidalEmbedding,
     TextHeadLayer,
@@ -57,14 +58,14 @@ class NestedUNet(nn.Module):
 
         # Time embedding (and micro-conditioning, each its own small MLP on a sinusoid).
         self.time_features = SinusoidalEmbedding(temb_dim)
-        self.temb_layer1 = nn.Linear(temb_dim // 4, temb_dim)
-        self.temb_layer2 = nn.Linear(temb_dim, temb_dim)
+        self.temb_layer1 = Linear(temb_dim // 4, temb_dim)
+        self.temb_layer2 = Linear(temb_dim, temb_dim)
         self.micro_defaults = dict(level.micro_conditioning)
         if self.micro_defaults:
             self.cond_layers = nn.ModuleDict(
                 {
                     name: nn.ModuleList(
-                        [nn.Linear(temb_dim // 4, temb_dim), zero_init(nn.Linear(temb_dim, temb_dim))]
+                        [Linear(temb_dim // 4, temb_dim), zero_init(Linear(temb_dim, temb_dim))]
                     )
                     for name in self.micro_defaults
                 }
@@ -72,16 +73,16 @@ class NestedUNet(nn.Module):
 
         if level.frame_embedding:
             self.frame_emb = nn.ModuleList(
-                [nn.Linear(temb_dim // 4, temb_dim), zero_init(nn.Linear(temb_dim, temb_dim))]
+                [Linear(temb_dim // 4, temb_dim), zero_init(Linear(temb_dim, temb_dim))]
             )
 
         # Conditioning layers live in the core (ml-mdm's layout); class labels in the outermost band.
         if self.is_core and config.text_dim > 0:
             if config.text_proj_dim > 0:
-                self.lm_proj = nn.Linear(config.text_dim, config.text_proj_dim)
+                self.lm_proj = Linear(config.text_dim, config.text_proj_dim)
             self.lm_head = nn.ModuleList(TextHeadLayer(cond_dim) for _ in range(config.num_text_head_layers))
             if config.pooled_text:
-                self.cond_emb = nn.Linear(cond_dim, temb_dim, bias=False)
+                self.cond_emb = Linear(cond_dim, temb_dim, bias=False)
         if self.is_core and config.num_classes > 0:
             # Index num_classes is the null label used for classifier-free guidance. It lives in the
             # core, like the text layers, so that nesting a trained model only prefixes its names.

@@ -35,6 +35,7 @@ from matryoshka.losses import LossOutput, multi_resolution_loss, rows_per_level
 from matryoshka.model_dir import MDMConfig, save_model_dir
 from matryoshka.models import NestedUNet
 from matryoshka.models.memory_format import set_memory_format, with_memory_format
+from matryoshka.precision import resolve_precision
 from matryoshka.training import distributed
 from matryoshka.training.checkpoint import (
     RunWriteError,
@@ -132,6 +133,7 @@ class Run:
     scaler: torch.amp.GradScaler | None  # fp16's loss scaling
     sharded: bool
     result: TrainResult
+    precision: str = "fp32"  # optim.precision resolved ("auto" -> what this machine runs fastest)
     previous: tuple[dict, dict, int] | None = None  # (weights, EMA weights, levels) of the last stage
 
     @property
@@ -224,9 +226,7 @@ def start_run(
         out_dir, runtime.is_main, config.logging.tensorboard, config.logging.progress and not quiet, last_step, step,
         quiet,
     )
-    precision = config.optim.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = training_precision(config, device, runtime, saved)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = None
     if precision == "fp16":
@@ -253,8 +253,27 @@ def start_run(
         config, out_dir, runtime, max_steps, saved, start, step, saved["stage"] if saved else 0,
         saved["samples_seen"] if saved else 0, ended, faults, stream, conditioner, config.logging.sample_prompts,
         monitor, autocast_dtype, scaler, config.distributed == "fsdp" and runtime.distributed,
-        TrainResult(step, saved["stage"] if saved else 0, None, start),
+        TrainResult(step, saved["stage"] if saved else 0, None, start), precision,
     )
+
+
+def training_precision(config: TrainConfig, device: torch.device, runtime: distributed.Runtime,
+                       saved: dict | None) -> str:
+    """optim.precision, with "auto" resolved: bf16 on GPUs that support it; on a CPU the faster of fp32
+    and bf16 for the final model's training step at this batch, measured once per machine
+    (matryoshka.precision). A resumed "auto" run keeps the precision it started with."""
+    if config.optim.precision != "auto":
+        return config.optim.precision
+    if saved is not None and saved.get("precision"):
+        return saved["precision"]
+    if device.type != "cpu":
+        return resolve_precision("auto", None, device, 0)  # a rule: nothing to measure
+    with torch.random.fork_rng(devices=[]):  # building the probe must not move the run's random state
+        probe = NestedUNet(config.mdm.model).train()
+    if config.optim.channels_last:
+        set_memory_format(probe, torch.channels_last)
+    rows = max(1, config.data.batch_size // runtime.world_size)
+    return resolve_precision("auto", probe, device, rows, train=True)
 
 
 @dataclass
@@ -505,7 +524,7 @@ def close_stage(run: Run, stage: Stage) -> None:
 
 
 def save_stage_checkpoint(run: Run, stage: Stage) -> None:
-    extra = progress_state(run.ended, stage.plateau)
+    extra = {**progress_state(run.ended, stage.plateau), "precision": run.precision}
     if run.scaler is not None:
         extra["grad_scaler"] = run.scaler.state_dict()
     run.result.checkpoint = save_checkpoint(

@@ -28,7 +28,7 @@ _TINY: dict[str, Any] = {
         "dataset": "fashion_mnist", "split": "test", "fit": "resize", "batch_size": 8, "limit": 64,
         "cond_dropout": 0.25,
     },
-    "optim": {"lr": 1e-3, "warmup_steps": 1},
+    "optim": {"lr": 1e-3, "warmup_steps": 1, "precision": "fp32"},  # "auto" would depend on the machine
     "stages": [{"levels": 1, "steps": 2}, {"levels": 2, "steps": 2}],
     "ema": {"decay": 0.9},
     "checkpoint": {"every": 0, "keep_last": 10},
