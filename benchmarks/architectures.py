@@ -57,6 +57,8 @@ PATHS = {
     "bf16": Options(precision="bf16", optimizer=TRAINER_ADAMW),
     "bf16+cl": Options(precision="bf16", channels_last=True, optimizer=TRAINER_ADAMW),
     "compiled": Options(compile=True, optimizer=TRAINER_ADAMW),
+    # bf16 as it was before small matmuls ran in float32 (layers.Linear): what that rule gains
+    "bf16-mm": Options(precision="bf16", optimizer=TRAINER_ADAMW, bf16_small_matmuls=True),
 }
 
 
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", nargs="+", default=["tiny", "tiny_t2i", "three_level", "video_tiny", "official64",
                                                        "official256"])
-    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS),
+    parser.add_argument("--paths", nargs="+", default=["fp32", "bf16", "bf16+cl", "compiled"], choices=list(PATHS),
                         help="the first is the reference (default fp32)")
     parser.add_argument("--kinds", nargs="+", default=["train", "sample"], choices=["train", "sample"])
     parser.add_argument("--batch", type=int, default=8, help="images per step (video: clips = batch / 4)")

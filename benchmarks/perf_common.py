@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
-from matryoshka.models import ModelConfig, NestedUNet
+from matryoshka.models import ModelConfig, NestedUNet, layers
+from matryoshka.models.layers import SMALL_MATMUL_MACS
 from matryoshka.models.memory_format import set_memory_format, with_memory_format
 from matryoshka.training import load_train_config
 from matryoshka.training.config import OptimConfig
@@ -226,6 +227,9 @@ class Options:
     # matryoshka.cpu_allocator.keep_freed_memory (process-wide: only meaningful for a step measured in
     # its own process, see IsolatedRuns)
     keep_freed_memory: bool = False
+    # every matmul in bf16 under CPU autocast, as before layers.Linear computed small ones in float32
+    # (process-wide, like keep_freed_memory)
+    bf16_small_matmuls: bool = False
 
     @property
     def label(self) -> str:
@@ -238,6 +242,8 @@ class Options:
             parts.append(f"{self.optimizer} AdamW")
         if self.keep_freed_memory:
             parts.append("kept memory")
+        if self.bf16_small_matmuls:
+            parts.append("small matmuls bf16")
         return " ".join(parts)
 
 
@@ -255,6 +261,7 @@ class Step:
 
 
 def build_model(workload: Workload, options: Options, device: torch.device, seed: int = 0) -> NestedUNet:
+    layers.SMALL_MATMUL_MACS = 0 if options.bf16_small_matmuls else SMALL_MATMUL_MACS
     torch.manual_seed(seed)
     model = NestedUNet(workload.model)
     if options.gradient_checkpointing:
