@@ -3,6 +3,7 @@ with the rule against the same step with every matmul in bf16, in one process, c
 (the rule is read at call time, so one model serves both), many rounds, paired ratios.
 
     python benchmarks/small_matmuls.py --archs tiny tiny_t2i three_level video_tiny --rounds 30
+    python benchmarks/small_matmuls.py --linear      # where the threshold comes from: one Linear, both ways
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from architectures import PATHS, architecture  # noqa: E402
 from perf_common import build_forward, build_train_step, machine_line  # noqa: E402
 
@@ -41,6 +43,38 @@ def paired(run, rounds: int, calls: int) -> tuple[float, float, float, float]:
     return 1e3 * statistics.median(times), statistics.median(ratios), deciles[0], deciles[-1]
 
 
+LINEAR_SHAPES = [(8, 128, 512), (8, 512, 128), (8, 384, 128), (256, 64, 64), (128, 128, 256), (1024, 64, 64),
+                 (64, 256, 512), (512, 128, 384), (2048, 64, 192), (616, 384, 128)]
+
+
+def linear_table(rounds: int) -> None:
+    """One Linear's forward + backward, float32 against bf16 autocast, at the layer sizes of small models."""
+    print("| rows x in -> out | multiply-adds | fp32 | bf16 autocast | bf16 speed |")
+    print("|---|---:|---:|---:|---:|")
+    for rows, fan_in, fan_out in LINEAR_SHAPES:
+        x = torch.randn(rows, fan_in, requires_grad=True)
+        weight = torch.randn(fan_out, fan_in, requires_grad=True)
+        bias = torch.randn(fan_out, requires_grad=True)
+
+        def call(bf16: bool, x=x, weight=weight, bias=bias) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = F.linear(x, weight, bias)
+            y.float().sum().backward()
+
+        spent: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(10):
+            call(False), call(True)
+        for _ in range(rounds):
+            for bf16 in (False, True):
+                start = time.perf_counter()
+                for _ in range(50):
+                    call(bf16)
+                spent[bf16].append((time.perf_counter() - start) / 50)
+        fp32, low = statistics.median(spent[False]), statistics.median(spent[True])
+        print(f"| {rows} x {fan_in} -> {fan_out} | {rows * fan_in * fan_out / 1e6:.1f}M | {fp32 * 1e6:.0f} us | "
+              f"{low * 1e6:.0f} us | {fp32 / low:.2f}x |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", nargs="+", default=["tiny", "tiny_t2i", "three_level", "video_tiny"])
@@ -48,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--linear", action="store_true", help="time single Linear layers instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.linear:
+        print(f"machine: {machine_line()}; medians of {args.rounds} rounds of 50 calls\n")
+        linear_table(args.rounds)
+        return 0
     print(f"machine: {machine_line()}; {args.rounds} rounds of {args.calls} calls per side\n")
     print("| architecture | step | bf16 with the rule | rule's speed-up (median, 10th..90th pct) |")
     print("|---|---|---:|---:|")

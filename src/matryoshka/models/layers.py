@@ -93,7 +93,7 @@ class GroupNorm(nn.GroupNorm):
 # Below this many multiply-adds (rows x in x out) a CPU matmul is slower in bf16 than in float32:
 # the per-call conversion and packing cost more than the narrower arithmetic saves
 # (benchmarks/profile_ops.py; BENCHMARKS.md, "Every architecture a user brings").
-SMALL_MATMUL_MACS = 6_000_000
+SMALL_MATMUL_MACS = 2_000_000
 
 
 class Linear(nn.Linear):
