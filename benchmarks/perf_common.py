@@ -29,6 +29,7 @@ from matryoshka.diffusion import DiffusionConfig, PyramidSchedule
 from matryoshka.models import ModelConfig, NestedUNet, layers
 from matryoshka.models.layers import SMALL_MATMUL_MACS
 from matryoshka.models.memory_format import set_memory_format, with_memory_format
+from matryoshka.precision import cpu_name
 from matryoshka.training import load_train_config
 from matryoshka.training.config import OptimConfig
 from matryoshka.training.loop import diffusion_loss
@@ -40,15 +41,6 @@ TEXT_TOKENS = 32  # synthetic caption length for text-conditional models
 
 # --------------------------------------------------------------------------------------------------
 # The machine
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def machine_line(device: torch.device | None = None) -> str:
     """CPU model, cores, threads, torch version, load average (and the GPU when `device` is CUDA)."""

@@ -78,7 +78,7 @@ def measurement_key(model: NestedUNet, rows: int, train: bool) -> str:
     the machine (CPU model, threads, torch)."""
     described = {
         "model": asdict(model.config), "channels_last": _is_channels_last(model), "rows": rows, "train": train,
-        "cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -136,7 +136,8 @@ def _is_channels_last(model: NestedUNet) -> bool:
         memory_format=torch.channels_last)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -162,4 +163,4 @@ def _write_cache(cache_dir: Path, key: str, entry: dict) -> None:
         pass  # a read-only cache: the answer is still used, only measured again next time
 
 
-__all__ = ["MIN_SPEEDUP", "PRECISIONS", "bf16_speedup", "cpu_has_bf16", "resolve_precision"]
+__all__ = ["MIN_SPEEDUP", "PRECISIONS", "bf16_speedup", "cpu_has_bf16", "cpu_name", "resolve_precision"]
