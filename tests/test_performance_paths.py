@@ -218,6 +218,35 @@ def test_groupnorm_normalises_channels_last_bf16_in_float32_and_matches_torch():
         assert torch.equal(norm(tensor), plain(tensor))
 
 
+def test_pipeline_casts_the_weights_to_bf16_once_per_call_not_once_per_step(monkeypatch):
+    """The sampling loop runs inside one outer (disabled) autocast context, so autocast's cache keeps the
+    weights' bf16 copies from step to step: the same images, and per step fewer casts than the network
+    has weights."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import matryoshka.pipeline as pipeline_module
+    from matryoshka.model_dir import MDMConfig
+    from matryoshka.pipeline import MatryoshkaPipeline
+
+    model = random_model()
+    pipe = MatryoshkaPipeline(model, MDMConfig(model=model.config, diffusion=DiffusionConfig()))
+
+    def run(steps: int) -> tuple[list[torch.Tensor], int]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            images = pipe(class_labels=[1, 7], num_inference_steps=steps, guidance_scale=2.0, generator=0,
+                          progress=False, precision="bf16").tensors
+        return images, sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+    weights = sum(1 for p in model.parameters() if p.dim() == 4)
+    kept_images, kept_2 = run(2)
+    kept_4 = run(4)[1]
+    monkeypatch.setattr(pipeline_module, "KEEP_WEIGHT_CASTS", False)
+    fresh_images, fresh_2 = run(2)
+    fresh_4 = run(4)[1]
+    assert all(torch.equal(a, b) for a, b in zip(kept_images, fresh_images, strict=True))
+    assert (fresh_4 - fresh_2) - (kept_4 - kept_2) >= 2 * weights  # two steps' worth of weight casts saved
+
+
 def test_pipeline_bf16_option_runs_the_network_in_bf16_and_stays_close_to_fp32():
     from matryoshka.model_dir import MDMConfig
     from matryoshka.pipeline import MatryoshkaPipeline

@@ -17,6 +17,7 @@ the negative prompt, "" by default, or the null class label), one reverse-proces
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -473,10 +474,11 @@ class MatryoshkaPipeline:
         bar = {**self._progress_bar_config} if self._progress_bar_config else progress
         if isinstance(bar, dict) and not progress:
             bar = {**bar, "disable": True}
-        result = sampling.sample(
-            denoiser, noise, scheduler, generator=generator, callback=step_hook, progress=bar,
-            replace_levels=replace_levels,
-        )
+        with _casts_kept_across_steps(self.device, precision):
+            result = sampling.sample(
+                denoiser, noise, scheduler, generator=generator, callback=step_hook, progress=bar,
+                replace_levels=replace_levels,
+            )
         tensors = [level.float().cpu() for level in result]
         images = _as_output_type(tensors[0], output_type)
         levels = [[_to_pil(sample) for sample in level] for level in tensors] if output_levels else None
@@ -785,6 +787,19 @@ def _as_intervals(value) -> GuidanceInterval | list[GuidanceInterval | None] | N
     if isinstance(value, Sequence) and not isinstance(value, str):
         return [_as_intervals(v) for v in value]  # type: ignore[misc]
     raise TypeError(f"guidance_interval must be (low, high), a GuidanceInterval or one per level, got {value!r}")
+
+
+KEEP_WEIGHT_CASTS = True  # benchmarks/autocast_cache.py turns it off to measure what it saves
+
+
+def _casts_kept_across_steps(device: torch.device, precision: str):
+    """A disabled autocast context around the sampling loop. autocast caches its low-precision copies of
+    the weights until the outermost autocast context exits; with this one outermost, every weight is
+    cast once per pipeline call instead of once per step, and the sampler's own arithmetic, outside the
+    network's autocast, stays in float32."""
+    if precision == "fp32" or not KEEP_WEIGHT_CASTS:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _in_autocast(denoiser: sampling.Denoiser, device: torch.device, dtype: torch.dtype) -> sampling.Denoiser:
