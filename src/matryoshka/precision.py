@@ -12,6 +12,7 @@ hardware always gets float32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -89,7 +90,10 @@ def bf16_speedup(model: NestedUNet, rows: int, train: bool, rounds: int = 3,
     synthetic rows, the two precisions taking turns after a warm-up call each. The global random state
     and the parameters' gradients are left as they were."""
     ratios = []
-    with torch.random.fork_rng(devices=[]):
+    # Sampling keeps autocast's weight casts from call to call (pipeline._casts_kept_across_steps): so
+    # does the measurement of a sampling call. Training casts its changing weights at every step.
+    kept_casts = contextlib.nullcontext() if train else torch.autocast("cpu", enabled=False)
+    with torch.random.fork_rng(devices=[]), kept_casts:
         call = _synthetic_call(model, rows, train)
         call(False), call(True)  # warm-up: kernel choice, allocations, autocast's weight casts
         for _ in range(rounds):
