@@ -510,7 +510,12 @@ def train_step_runs(workload: Workload, options: Options, device_name: str = "cp
 
 def forward_runs(workload: Workload, options: Options, rows: int, device_name: str = "cpu") -> tuple[dict, dict]:
     """IsolatedRuns builder: one denoiser forward of `rows` rows (`run`; a guided sampling step of B
-    samples is a forward of 2B rows, both branches in one batch); info: its first call's seconds."""
+    samples is a forward of 2B rows, both branches in one batch); info: its first call's seconds. A
+    low-precision forward keeps autocast's weight casts from call to call, as the pipeline's sampling
+    loop does (pipeline._casts_kept_across_steps): this worker process enters one outer, disabled
+    autocast context and never leaves it."""
+    if options.precision != "fp32":
+        torch.autocast(device_name, enabled=False).__enter__()
     with quiet_compile_logs():
         step = build_forward(workload, options, torch.device(device_name), batch=rows)
     return {"run": step.run}, {"first_call_s": step.first_call_s, "cache": ""}
