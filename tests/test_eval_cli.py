@@ -262,6 +262,19 @@ def test_unconditional_samples_and_grids() -> None:
     assert sample_grid(many, [str(i) for i in range(20)]).size == (8 * 10 + 2, 16 * 10 + 2)
 
 
+def test_eval_samples_in_the_precision_it_is_given() -> None:
+    config = MDMConfig(model=tiny_config(), diffusion=DiffusionConfig())
+    pipe = MatryoshkaPipeline(random_model(config.model), config)
+    dtypes = []
+    pipe.model.conv_out.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    low = generate_samples(pipe, EvalSettings(num_samples=3, steps=2, precision="bf16"), progress=False)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    full = generate_samples(pipe, EvalSettings(num_samples=3, steps=2), progress=False)
+    assert set(dtypes[len(dtypes) // 2:]) == {torch.float32} and not torch.equal(low.images, full.images)
+    with pytest.raises(ValueError, match="precision"):
+        EvalSettings(precision="half").validate()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

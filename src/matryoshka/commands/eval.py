@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "~/.cache/matryoshka/eval)")
     parser.add_argument("--text-encoder", metavar="SPEC", help="override a text model's encoder (e.g. t5:/dir)")
     parser.add_argument("--device", default=defaults.device, help=f"torch device (default {defaults.device})")
+    parser.add_argument("--precision", default=defaults.precision, choices=["fp32", "bf16", "fp16", "auto"],
+                        help="the network's precision while sampling (see `matryoshka generate --help`; compare "
+                        f"FIDs at equal precision). Default {defaults.precision}")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", type=Path, required=True, help="output directory (report.json, PNG plots)")
     parser.add_argument("--overwrite", action="store_true",
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             num_reference=args.num_reference or EvalSettings().num_reference, kid_subsets=args.kid_subsets,
             kid_subset_size=args.kid_subset_size,
             classifier_epochs=args.classifier_epochs, device=args.device, prompts=prompts,
-            prompt_labels=prompt_labels, clip_model=args.clip_model,
+            prompt_labels=prompt_labels, clip_model=args.clip_model, precision=args.precision,
         )
         settings.validate()
         evaluator = Evaluator(
@@ -172,6 +175,7 @@ def run_video(args: argparse.Namespace, pipe) -> int:
         sampler=args.sampler, seed=args.seed, batch_size=min(args.batch_size, 16),
         num_reference_clips=args.num_reference or 256, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, classifier_steps=args.motion_classifier_steps, device=args.device,
+        precision=args.precision,
     )
     report = VideoEvaluator(settings, args.cache_dir, progress=not args.quiet,
                             classifier_dir=args.classifier).evaluate(pipe, args.out, model_name=str(args.model))

@@ -51,6 +51,7 @@ from matryoshka.evaluation.fid import (
 )
 from matryoshka.evaluation.inception import INCEPTION_FEATURE_DIM, InceptionFeatureExtractor
 from matryoshka.evaluation.report import plot_bars, write_json_report
+from matryoshka.precision import PRECISIONS
 
 __all__ = [
     "FASHION_MNIST",
@@ -110,6 +111,8 @@ class EvalSettings:
             captions naming class i mod 10, which only makes sense against the fashion_mnist reference.
         prompt_labels: the class each prompt names (for the fidelity classifier); None: not measured.
         clip_model: a CLIP (hub id or directory) for the CLIP score of a text model; None: not measured.
+        precision: the pipeline's while sampling ("fp32", "bf16", "fp16" or "auto": the faster of bf16
+            and fp32 for the model; matryoshka.precision). Compare FIDs at equal precision.
     """
 
     num_samples: int = 1000
@@ -130,6 +133,7 @@ class EvalSettings:
     prompts: list[str] | None = None
     prompt_labels: list[int] | None = None
     clip_model: str | None = None
+    precision: str = "fp32"
 
     def resolved_fit(self, image_size: int) -> str:
         """The Fashion-MNIST fit at `image_size`: `fit`, with "auto" made concrete."""
@@ -140,6 +144,7 @@ class EvalSettings:
     def validate(self) -> None:
         checks = [
             (self.fit in ("auto", "pad", "resize"), "fit", "must be auto, pad or resize"),
+            (self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}"),
             (self.num_samples >= 2, "num_samples", "must be >= 2 (FID needs a covariance)"),
             (self.steps >= 1, "steps", "must be >= 1"),
             (self.batch_size >= 1, "batch_size", "must be >= 1"),
@@ -451,6 +456,7 @@ def generate_samples(pipe: Any, settings: EvalSettings, progress: bool = True) -
                 "sampler": settings.sampler,
                 "generator": generator,
                 "progress": False,
+                "precision": settings.precision,
             }
             if kind == "caption":
                 assert captions is not None

@@ -32,6 +32,7 @@ import torch
 from matryoshka.evaluation.fid import stats_key
 from matryoshka.evaluation.report import plot_bars, write_json_report
 from matryoshka.evaluation.run import cached_reference, default_cache_dir, distribution_metrics
+from matryoshka.precision import PRECISIONS
 
 
 @dataclass
@@ -47,8 +48,11 @@ class VideoEvalSettings:
     kid_subset_size: int = 500
     classifier_steps: int = 300
     device: str = "cpu"
+    precision: str = "fp32"  # the pipeline's while sampling (matryoshka.precision.PRECISIONS)
 
     def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("num_clips", "batch_size", "num_reference_clips", "kid_subsets", "classifier_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -167,7 +171,7 @@ class VideoEvaluator:
         for start in range(0, n, settings.batch_size):
             out = pipe(prompts[start : start + settings.batch_size], num_inference_steps=settings.steps,
                        guidance_scale=settings.guidance, sampler=settings.sampler, generator=generator,
-                       progress=False)
+                       progress=False, precision=settings.precision)
             batches.append(out.tensors[0])
         clips = torch.cat(batches)
         timings["sampling"] = time.perf_counter() - started
