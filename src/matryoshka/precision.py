@@ -6,8 +6,9 @@ but small matmuls, casts and some normalisation passes are slower, so which wins
 layers, widths and batch (BENCHMARKS.md, "Every architecture a user brings"). There it is measured: a
 few interleaved calls of the network on synthetic inputs of the real shapes in both precisions, the
 median ratio decides, and the answer is cached per network, rows, pass (sampling or training) and
-machine in ``$MATRYOSHKA_CACHE/precision.json`` (default ``~/.cache/matryoshka``). A CPU without bf16
-hardware always gets float32.
+machine in ``$MATRYOSHKA_CACHE/precision.json`` (default ``~/.cache/matryoshka``); delete that file to
+measure again (a measurement taken while other jobs held the CPU can pick float32). A CPU without
+bf16 hardware always gets float32.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def measurement_key(model: NestedUNet, rows: int, train: bool) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def bf16_speedup(model: NestedUNet, rows: int, train: bool, rounds: int = 3,
+def bf16_speedup(model: NestedUNet, rows: int, train: bool, rounds: int = 5,
                  timer: Callable[[], float] = time.perf_counter) -> float:
     """Median over `rounds` of (float32 time / bf16 autocast time) of one call of `model` on `rows`
     synthetic rows, the two precisions taking turns after a warm-up call each. The global random state
