@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from gpu_check import card_peak  # noqa: E402
 from perf_common import (  # noqa: E402
     IsolatedRuns,
     Options,
@@ -44,12 +45,13 @@ from perf_common import (  # noqa: E402
     machine_line,
     paired_speedup,
     preset_workload,
+    step_flops,
     train_step_runs,
     workloads,
 )
 
 from matryoshka.models import LevelConfig, ModelConfig, NestedUNet  # noqa: E402
-from matryoshka.precision import MIN_SPEEDUP, bf16_speedup  # noqa: E402
+from matryoshka.precision import MIN_SPEEDUP, bf16_speedup, resolve_precision  # noqa: E402
 
 TRAINER_ADAMW = "auto"  # the trainer's default: the fused kernel on CPU and CUDA
 PATHS = {
@@ -62,8 +64,10 @@ PATHS = {
 }
 
 
-def auto_choice(workload: Workload, kind: str, threads: int) -> str:
+def auto_choice(workload: Workload, kind: str, threads: int, device: str = "cpu") -> str:
     """What precision="auto" picks for this architecture here, and the bf16 speed-up it measured."""
+    if device != "cpu":
+        return f"{resolve_precision('auto', None, device, 0)} (rule)"
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = NestedUNet(workload.model).train(kind == "train")
@@ -95,7 +99,7 @@ def architecture(name: str, batch: int, official_batch: int) -> Workload:
 
 
 def measure(workload: Workload, paths: list[str], kind: str, rounds: int, calls: int, threads: int,
-            official: bool) -> dict[str, dict]:
+            official: bool, device: str = "cpu") -> dict[str, dict]:
     """Per path: median seconds per call, and its speed over fp32 (median, min, max over rounds)."""
     with IsolatedRuns(threads) as isolated:
         for path in paths:
@@ -103,10 +107,10 @@ def measure(workload: Workload, paths: list[str], kind: str, rounds: int, calls:
             if official:
                 options = dataclasses.replace(options, optimizer=None)
             if kind == "train":
-                isolated.add(path, train_step_runs, workload, options)
+                isolated.add(path, train_step_runs, workload, options, device)
             else:
-                isolated.add(path, forward_runs, workload, options, 2 * workload.batch)
-        timings = isolated.time_round_robin(rounds, calls, torch.device("cpu"))
+                isolated.add(path, forward_runs, workload, options, 2 * workload.batch, device)
+        timings = isolated.time_round_robin(rounds, calls, torch.device(device))
         first = {path: isolated.info[path]["first_call_s"] for path in paths}
     reference = timings[paths[0]]
     return {path: {"ms": 1e3 * timings[path].median, "first_s": first[path],
@@ -125,18 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=3, help="calls per round (official models: 1)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on cuda: the MFU of the bf16 path too)")
     args = parser.parse_args(argv)
+    peak = card_peak(torch.cuda.get_device_name()) if args.device.startswith("cuda") else None
 
     print(f"machine: {machine_line()}; {args.threads} thread(s) per process, {args.rounds} rounds\n")
+    mfu = peak is not None and "bf16" in args.paths
     header = "| architecture | params | step | " + " | ".join(args.paths) + " | auto picks |"
-    print(header)
-    print("|---|---:|---|" + "---:|" * len(args.paths) + "---|")
+    print(header + (" bf16 MFU |" if mfu else ""))
+    print("|---|---:|---|" + "---:|" * len(args.paths) + "---|" + ("---:|" if mfu else ""))
     for name in args.archs:
         workload = architecture(name, args.batch, args.official_batch)
         official = name.startswith("official")
         for kind in args.kinds:
             results = measure(workload, args.paths, kind, args.rounds, 1 if official else args.calls, args.threads,
-                              official)
+                              official, args.device)
             cells = []
             for path in args.paths:
                 result = results[path]
@@ -146,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                     median, low, high = result["speed"]
                     cells.append(f"{median:.2f}x ({low:.2f}..{high:.2f})")
             step = f"{kind} (batch {workload.batch}{', no AdamW' if official and kind == 'train' else ''})"
-            cells.append(auto_choice(workload, kind, args.threads))
+            cells.append(auto_choice(workload, kind, args.threads, args.device))
+            if mfu:
+                flops = step_flops(workload, train=kind == "train",
+                                   batch=workload.batch if kind == "train" else 2 * workload.batch)
+                cells.append(f"{flops / (results['bf16']['ms'] / 1e3) / peak:.1%}")
             print(f"| {workload.name} | {workload.parameters / 1e6:.1f}M | {step} | " + " | ".join(cells) + " |",
                   flush=True)
     print(f"\ncells: the {args.paths[0]} step's median time, then each path's speed over it (median over rounds of "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the performance work, under 8 minutes on one H100 or H200, installing nothing:
+# GPU check of the performance work, about 10 minutes on one H100 or H200, installing nothing:
 #
 #   PYTHONPATH=src bash benchmarks/gpu_check.sh
 #
@@ -11,6 +11,9 @@
 #            peak memory, and a single-level 256 px UNet of the same widths
 # 4. sample  sampling latency per step of the official 256 model and the tiny preset (batched guidance
 #            vs two forwards, fp32 vs bf16)
+# 5. archs   benchmarks/architectures.py on the GPU (issue 19): the training and guided sampling step of
+#            the architectures users bring, fp32 / bf16 / bf16 channels_last, each path in its own
+#            process, ratios with spreads, the bf16 path's MFU; rows print as they finish (150 s limit)
 #
 # Each part runs under its own time limit and is skipped, with the reason, when what it needs is
 # missing (no GPU, pytest absent, a module matryoshka imports absent). Results: $OUT if set (the device
@@ -74,10 +77,12 @@ if [ "$gpu" -eq 0 ]; then
   skip tests "no CUDA device visible to torch"
   skip train "no CUDA device visible to torch"
   skip sample "no CUDA device visible to torch"
+  skip archs "no CUDA device visible to torch"
 elif [ "$package_ok" -ne 0 ]; then
   skip tests "matryoshka does not import (see env: a module it needs is missing)"
   skip train "matryoshka does not import"
   skip sample "matryoshka does not import"
+  skip archs "matryoshka does not import"
 else
   if "$python" -c "import pytest" 2>/dev/null; then
     # Every test file with CUDA-marked tests (tests/test_performance_paths.py and any others).
@@ -90,6 +95,9 @@ else
   fi
   part train 220 "$python" "$here/gpu_check.py" train
   part sample 100 "$python" "$here/gpu_check.py" sample
+  { echo "## Every architecture (benchmarks/architectures.py --device cuda)"; echo; } >> "$report"
+  part archs 150 "$python" "$here/architectures.py" --device cuda --archs tiny three_level video_tiny official256 \
+    official64 --paths fp32 bf16 bf16+cl --rounds 5 --calls 5 --threads 4 --official-batch 4
 fi
 
 total=$(( $(date +%s) - started ))
