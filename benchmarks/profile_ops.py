@@ -3,8 +3,9 @@ architecture of benchmarks/architectures.py, in two precision paths side by side
 
 For each op (aten name) the table gives its self CPU time per step and calls per step in each path,
 sorted by how much slower the second path spends in it; below it, the step's wall time against the sum
-of the ops' self times (the rest is Python and dispatch overhead outside any op) and the number of op
-calls per step (each one a dispatch, and on a GPU a kernel launch).
+of the ops' self times (the rest is Python and dispatch overhead outside any op), the number of op
+calls per step (each one a dispatch, and on a GPU a kernel launch), and what the step's casts
+convert (weights or activations, told apart by shape).
 
     python benchmarks/profile_ops.py --arch tiny --kind train --paths fp32 bf16
     python benchmarks/profile_ops.py --arch three_level --kind sample --paths fp32 bf16+cl --top 25
@@ -42,6 +43,20 @@ def op_profile(run, steps: int) -> tuple[dict[str, tuple[float, int]], float]:
         totals[event.key][0] += event.self_cpu_time_total / steps
         totals[event.key][1] += event.count / steps
     return {name: (us, int(round(calls))) for name, (us, calls) in totals.items()}, wall
+
+
+def cast_kinds(step) -> dict[str, int]:
+    """The `aten::_to_copy` calls of one step, by what they convert: a tensor of a parameter's shape
+    (the weights and, in backward, their gradients), an activation (rank >= 3) or anything else."""
+    shapes = {tuple(p.shape) for p in step.model.parameters()}
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step.run()
+    kinds: dict[str, int] = defaultdict(int)
+    for event in prof.events():
+        if event.name == "aten::_to_copy":
+            shape = tuple(event.input_shapes[0]) if event.input_shapes else ()
+            kinds["parameter-shaped" if shape in shapes else "activation" if len(shape) >= 3 else "other"] += 1
+    return dict(kinds)
 
 
 def _mean_profile(profiles: list[tuple[dict[str, tuple[float, int]], float]]) -> tuple[dict, float]:
@@ -97,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         us_b, calls_b = ops_b.get(name, (0.0, 0))
         print(f"| {name} | {us_a / 1e3:.2f} | {us_b / 1e3:.2f} | {delta[name] / 1e3:+.2f} | {calls_a} | {calls_b} |")
     print()
+    for path in args.paths:
+        print(f"{path}: casts (aten::_to_copy) per step by kind: {cast_kinds(steps[path])}")
     for path, (ops, wall) in results.items():
         in_ops = sum(us for us, _ in ops.values()) / 1e6
         calls = sum(c for _, c in ops.values())
