@@ -62,7 +62,8 @@ def resolve_precision(precision: str, model: NestedUNet | None, device: torch.de
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
+    """Whether oneDNN computes bf16 on this CPU (AVX-512, natively with AVX512-BF16 or AMX); without it
+    bf16 is emulated element by element and never pays."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
