@@ -8,6 +8,7 @@ cast once) against without it (every weight cast at every step), paired round by
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -31,9 +32,9 @@ def measure(workload, device: torch.device, steps: int, rounds: int) -> tuple[fl
     network = pipeline._in_autocast(lambda x, t: model(x, t, **inputs["conditioning"]), device, torch.bfloat16)
 
     def sample(keep: bool) -> float:
-        pipeline.KEEP_WEIGHT_CASTS = keep
+        outer = pipeline._casts_kept_across_steps(device, "bf16") if keep else contextlib.nullcontext()
         start = time.perf_counter()
-        with torch.no_grad(), pipeline._casts_kept_across_steps(device, "bf16"):
+        with torch.no_grad(), outer:
             for _ in range(steps):
                 network(inputs["noise"], inputs["t"])
         return (time.perf_counter() - start) / steps
@@ -45,7 +46,6 @@ def measure(workload, device: torch.device, steps: int, rounds: int) -> tuple[fl
         spent = {keep: sample(keep) for keep in order}
         ratios.append(spent[False] / spent[True])
         kept.append(spent[True])
-    pipeline.KEEP_WEIGHT_CASTS = True
     return 1e3 * statistics.median(kept), (statistics.median(ratios), min(ratios), max(ratios))
 
 

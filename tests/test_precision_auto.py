@@ -57,6 +57,7 @@ def test_auto_is_fp32_on_a_cpu_without_bf16_hardware_and_measures_nothing(model,
 def test_auto_measures_once_per_model_rows_and_pass_then_reads_the_cache(model, measured, tmp_path):
     assert resolve_precision("auto", model, "cpu", 4, cache_dir=tmp_path) == "bf16"
     assert resolve_precision("auto", model, "cpu", 4, cache_dir=tmp_path) == "bf16"
+    assert resolve_precision("auto", model.config, "cpu", 4, cache_dir=tmp_path) == "bf16"  # a config: same key
     assert measured.calls == [(4, False)]
     entries = json.loads((tmp_path / "precision.json").read_text())
     assert [e["speedup"] for e in entries.values()] == [1.5]

@@ -789,15 +789,12 @@ def _as_intervals(value) -> GuidanceInterval | list[GuidanceInterval | None] | N
     raise TypeError(f"guidance_interval must be (low, high), a GuidanceInterval or one per level, got {value!r}")
 
 
-KEEP_WEIGHT_CASTS = True  # benchmarks/autocast_cache.py turns it off to measure what it saves
-
-
 def _casts_kept_across_steps(device: torch.device, precision: str):
     """A disabled autocast context around the sampling loop. autocast caches its low-precision copies of
     the weights until the outermost autocast context exits; with this one outermost, every weight is
     cast once per pipeline call instead of once per step, and the sampler's own arithmetic, outside the
     network's autocast, stays in float32."""
-    if precision == "fp32" or not KEEP_WEIGHT_CASTS:
+    if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 

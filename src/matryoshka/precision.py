@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from matryoshka.atomic import atomic_path
-from matryoshka.models import NestedUNet
-from matryoshka.models.memory_format import with_memory_format
+from matryoshka.models import ModelConfig, NestedUNet
+from matryoshka.models.memory_format import set_memory_format, with_memory_format
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # bf16 is chosen only when it is at least this much faster: below that, float32's exact arithmetic wins.
@@ -36,11 +36,14 @@ MIN_SPEEDUP = 1.05
 TEXT_TOKENS = 32  # caption length of the synthetic text states the measurement uses
 
 
-def resolve_precision(precision: str, model: NestedUNet | None, device: torch.device | str, rows: int,
-                      train: bool = False, cache_dir: str | os.PathLike[str] | None = None) -> str:
+def resolve_precision(precision: str, model: NestedUNet | ModelConfig | None, device: torch.device | str,
+                      rows: int, train: bool = False, cache_dir: str | os.PathLike[str] | None = None,
+                      channels_last: bool | None = None) -> str:
     """`precision` itself unless it is "auto"; then "bf16" or "fp32" for `model` called on `rows` rows
-    (one forward, or forward + backward when `train`) on `device`. `model` may be None off the CPU
-    (the answer there is a rule)."""
+    (one forward, or forward + backward when `train`) on `device`. `model` may be a ModelConfig: a
+    network is then built only if the answer has to be measured, in `channels_last` if asked (a
+    network's own memory format is read from its weights). `model` may be None off the CPU (the answer
+    there is a rule)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
@@ -50,15 +53,26 @@ def resolve_precision(precision: str, model: NestedUNet | None, device: torch.de
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type != "cpu" or not cpu_has_bf16() or model is None:
         return "fp32"
+    config = model if isinstance(model, ModelConfig) else model.config
+    if channels_last is None:
+        channels_last = not isinstance(model, ModelConfig) and _is_channels_last(model)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    key = measurement_key(model, rows, train)
+    key = measurement_key(config, channels_last, rows, train)
     known = _read_cache(cache).get(key)
     if known is None:
-        speedup = bf16_speedup(model, rows, train)
+        network = _probe(config, train, channels_last) if isinstance(model, ModelConfig) else model
+        speedup = bf16_speedup(network, rows, train)
         known = {"speedup": round(speedup, 3), "precision": "bf16" if speedup >= MIN_SPEEDUP else "fp32",
                  "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         _write_cache(cache, key, known)
     return known["precision"]
+
+
+def _probe(config: ModelConfig, train: bool, channels_last: bool) -> NestedUNet:
+    """A network of `config` to measure (random weights; the global random state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        network = NestedUNet(config).train(train)
+    return set_memory_format(network, torch.channels_last) if channels_last else network
 
 
 def cpu_has_bf16() -> bool:
@@ -76,11 +90,11 @@ def default_cache_dir() -> Path:
     return Path(base) if base else Path.home() / ".cache" / "matryoshka"
 
 
-def measurement_key(model: NestedUNet, rows: int, train: bool) -> str:
+def measurement_key(config: ModelConfig, channels_last: bool, rows: int, train: bool) -> str:
     """What the measured answer depends on: the architecture, its memory format, the rows, the pass and
     the machine (CPU model, threads, torch)."""
     described = {
-        "model": asdict(model.config), "channels_last": _is_channels_last(model), "rows": rows, "train": train,
+        "model": asdict(config), "channels_last": channels_last, "rows": rows, "train": train,
         "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]

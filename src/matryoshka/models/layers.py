@@ -107,17 +107,13 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type == "cpu"
-            and not torch.compiler.is_compiling()
-            and _cpu_autocast_dtype() is not None
-            and x.numel() * self.out_features < SMALL_MATMUL_MACS
-        ):
-            dtype = _cpu_autocast_dtype()
-            with torch.autocast("cpu", enabled=False):
-                out = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
-            return out.to(dtype)
-        return super().forward(x)
+        small = x.device.type == "cpu" and x.numel() * self.out_features < SMALL_MATMUL_MACS
+        dtype = _cpu_autocast_dtype() if small and not torch.compiler.is_compiling() else None
+        if dtype is None:
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):
+            out = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        return out.to(dtype)
 
 
 def _cpu_autocast_dtype() -> torch.dtype | None:

@@ -266,14 +266,9 @@ def training_precision(config: TrainConfig, device: torch.device, runtime: distr
         return config.optim.precision
     if saved is not None and saved.get("precision"):
         return saved["precision"]
-    if device.type != "cpu":
-        return resolve_precision("auto", None, device, 0)  # a rule: nothing to measure
-    with torch.random.fork_rng(devices=[]):  # building the probe must not move the run's random state
-        probe = NestedUNet(config.mdm.model).train()
-    if config.optim.channels_last:
-        set_memory_format(probe, torch.channels_last)
     rows = max(1, config.data.batch_size // runtime.world_size)
-    return resolve_precision("auto", probe, device, rows, train=True)
+    return resolve_precision("auto", config.mdm.model, device, rows, train=True,
+                             channels_last=config.optim.channels_last)
 
 
 @dataclass
