@@ -10,6 +10,7 @@ With --pin-real, the nested model also samples its top level with the low level 
 (init_image, super-resolution): the top band's quality given a perfect core.
 
     python benchmarks/level_fid.py --models runs/study/diagnose32/a/seed0/model runs/study/diagnose32/c/seed0/model
+    python benchmarks/level_fid.py --size 64 --fit resize --pin-real --models runs/study/study64/c/seed0/model
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--pin-real", action="store_true", help="also pin the lowest level to real images")
+    parser.add_argument("--size", type=int, default=32, help="the models' top size (every model shares it)")
+    parser.add_argument("--fit", choices=["pad", "resize"], default="pad",
+                        help="how the 28 px test images reach --size: as the models were trained")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -46,13 +50,14 @@ def main() -> None:
 
     keep_freed_memory()
     extractor = InceptionFeatureExtractor()
-    test = FashionMNIST("test", image_size=32, channels=1)
+    test = FashionMNIST("test", image_size=args.size, channels=1, fit=args.fit)
     real = torch.stack([test.image_tensor(i) for i in range(args.reference)])
     references = {}
 
     def reference(size: int):
         if size not in references:
-            description = {"reference": "fashion_mnist/test pooled", "size": size, "n": len(real), "fit": "pad32"}
+            description = {"reference": "fashion_mnist/test pooled", "size": size, "n": len(real),
+                           "fit": f"{args.fit}{args.size}"}
             references[size] = cached_reference(extractor, lambda: pooled(real, size), description,
                                                 default_cache_dir(), progress=False)
         return references[size]
@@ -73,7 +78,7 @@ def main() -> None:
             levels.append(out.tensors)
         tensors = [torch.cat([batch[r] for batch in levels]) for r in range(len(levels[0]))]
         row = {}
-        sizes = [32, 16]
+        sizes = [args.size >> k for k in range(args.size.bit_length()) if args.size >> k >= 16]
         for size in sizes:
             row[f"top seen at {size} px"] = score(pooled(tensors[0], size), size)
         for r, level in enumerate(tensors[1:], start=1):
@@ -87,7 +92,7 @@ def main() -> None:
                 pinned.append(pipe(class_labels=classes, num_inference_steps=args.steps, guidance_scale=args.guidance,
                                    generator=start, progress=False, init_image=images,
                                    init_level=len(tensors) - 1).tensors[0])
-            row["top, low level pinned to real images"] = score(torch.cat(pinned), 32)
+            row["top, low level pinned to real images"] = score(torch.cat(pinned), args.size)
         results[model] = row
         print(model, json.dumps(row), flush=True)
     sizes = sorted({k for row in results.values() for k in row})
