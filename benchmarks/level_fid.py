@@ -10,7 +10,7 @@ With --pin-real, the nested model also samples its top level with the low level 
 (init_image, super-resolution): the top band's quality given a perfect core.
 
     python benchmarks/level_fid.py --models runs/study/diagnose32/a/seed0/model runs/study/diagnose32/c/seed0/model
-    python benchmarks/level_fid.py --size 64 --fit resize --pin-real --models runs/study/study64/c/seed0/model
+    python benchmarks/level_fid.py --fit resize --pin-real --models runs/study/study64/c/seed0/model
 """
 
 from __future__ import annotations
@@ -40,24 +40,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--pin-real", action="store_true", help="also pin the lowest level to real images")
-    parser.add_argument("--size", type=int, default=32, help="the models' top size (every model shares it)")
     parser.add_argument("--fit", choices=["pad", "resize"], default="pad",
-                        help="how the 28 px test images reach --size: as the models were trained")
+                        help="how the 28 px test images reach the models' size: as the models were trained")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    try:
+        pipes = {model: MatryoshkaPipeline.from_pretrained(model) for model in args.models}
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(f"--models: {error}")
+    top_sizes = {pipe.config.model.sizes[0] for pipe in pipes.values()}
+    if len(top_sizes) != 1:
+        parser.error(f"--models: every model must have the same top size, got {sorted(top_sizes)} px")
+    top = top_sizes.pop()
     torch.set_num_threads(1)
     from matryoshka.cpu_allocator import keep_freed_memory
 
     keep_freed_memory()
     extractor = InceptionFeatureExtractor()
-    test = FashionMNIST("test", image_size=args.size, channels=1, fit=args.fit)
+    test = FashionMNIST("test", image_size=top, channels=1, fit=args.fit)
     real = torch.stack([test.image_tensor(i) for i in range(args.reference)])
     references = {}
 
     def reference(size: int):
         if size not in references:
             description = {"reference": "fashion_mnist/test pooled", "size": size, "n": len(real),
-                           "fit": f"{args.fit}{args.size}"}
+                           "fit": f"{args.fit}{top}"}
             references[size] = cached_reference(extractor, lambda: pooled(real, size), description,
                                                 default_cache_dir(), progress=False)
         return references[size]
@@ -69,8 +76,7 @@ def main() -> None:
 
     labels = [i % 10 for i in range(args.samples)]
     results: dict = {}
-    for model in args.models:
-        pipe = MatryoshkaPipeline.from_pretrained(model)
+    for model, pipe in pipes.items():
         levels = []
         for start in range(0, args.samples, 250):
             out = pipe(class_labels=labels[start : start + 250], num_inference_steps=args.steps,
@@ -78,7 +84,7 @@ def main() -> None:
             levels.append(out.tensors)
         tensors = [torch.cat([batch[r] for batch in levels]) for r in range(len(levels[0]))]
         row = {}
-        sizes = [args.size >> k for k in range(args.size.bit_length()) if args.size >> k >= 16]
+        sizes = [top >> k for k in range(top.bit_length()) if top >> k >= 16]
         for size in sizes:
             row[f"top seen at {size} px"] = score(pooled(tensors[0], size), size)
         for r, level in enumerate(tensors[1:], start=1):
@@ -92,7 +98,7 @@ def main() -> None:
                 pinned.append(pipe(class_labels=classes, num_inference_steps=args.steps, guidance_scale=args.guidance,
                                    generator=start, progress=False, init_image=images,
                                    init_level=len(tensors) - 1).tensors[0])
-            row["top, low level pinned to real images"] = score(torch.cat(pinned), args.size)
+            row["top, low level pinned to real images"] = score(torch.cat(pinned), top)
         results[model] = row
         print(model, json.dumps(row), flush=True)
     sizes = sorted({k for row in results.values() for k in row})
