@@ -402,14 +402,40 @@ def markdown_tables(spec: StudySpec, rows: list[dict], real: dict | None) -> str
     return "\n".join(lines) + "\n"
 
 
-def plot(spec: StudySpec, rows: list[dict], real: dict | None, path: Path) -> None:
+def summary_from_table(spec: StudySpec, text: str) -> tuple[list[dict], dict | None]:
+    """The aggregated rows and the floor of a committed table (markdown_tables' first table), for the plot.
+
+    Lets a plot be redrawn from the docs after a fresh machine has lost runs/ (FID only: what the plot uses).
+    """
+    title = text.lstrip().splitlines()[0] if text.strip() else ""
+    if title != f"# {spec.name}":
+        raise ValueError(f"not the table of {spec.name} (its first line is {title!r}, not '# {spec.name}')")
+    arms = {arm.label: arm.name for arm in spec.arms}
+    summary, real = [], None
+    for line in text.splitlines():
+        cells = [c.strip().strip("*").strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 11:
+            continue
+        label, fid = cells[0], cells[6].replace("*", "").split("±")
+        if label.endswith("(floor)"):
+            real = {"label": label.removesuffix("(floor)").strip(), "fid": float(fid[0])}
+        elif label in arms:
+            summary.append({"arm": arms[label], "label": label, "fraction": float(cells[1]),
+                            "train_tflops": float(cells[4]), "seeds": int(cells[5]), "fid": float(fid[0]),
+                            "fid_spread": float(fid[1]) if len(fid) > 1 else 0.0})
+    if not summary:
+        raise ValueError(f"no row of {spec.name}'s arms in the table (labels: {', '.join(arms)})")
+    return summary, real
+
+
+def plot(spec: StudySpec, summary: list[dict], real: dict | None, path: Path) -> None:
+    """FID against training compute, one line per arm; `summary` as `aggregate` returns it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 4.2), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    summary = aggregate(rows)
     for arm in spec.arms:
         points = sorted((r for r in summary if r["arm"] == arm.name), key=lambda r: r["fraction"])
         if points:
@@ -455,7 +481,7 @@ def write_results(spec: StudySpec, plans: dict, runs: Path, real: dict | None, p
     write_json_report({"study": spec.name, "rows": rows, "real": real, **provenance()}, runs / "results.json")
     (runs / "table.md").write_text(f"# {spec.name}\n\n{spec.description.strip()}\n\n{table}")
     if plot_path is not None and any(r.get("fid") is not None for r in rows):
-        plot(spec, rows, real, plot_path)
+        plot(spec, aggregate(rows), real, plot_path)
     return table
 
 
@@ -474,9 +500,20 @@ def main() -> None:
     parser.add_argument("--classifier", type=Path, default=None, help="a saved Fashion-MNIST classifier")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (training and evaluation)")
     parser.add_argument("--plot", type=Path, default=None, help="where to write the plot (default RUNS/fid.png)")
+    parser.add_argument("--replot", type=Path, default=None, metavar="TABLE.md",
+                        help="only redraw the plot from a committed table (docs/study/NAME.md); run nothing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = load_spec(args.spec)
+    if args.replot:
+        if not args.replot.is_file():
+            parser.error(f"--replot {args.replot}: no such file")
+        try:
+            summary, real = summary_from_table(spec, args.replot.read_text())
+        except ValueError as error:
+            parser.error(f"--replot {args.replot}: {error}")
+        plot(spec, summary, real, args.plot or args.replot.with_name(f"{spec.name}_fid.png"))
+        return
     runs = args.runs / spec.name
     plot_path = args.plot or runs / "fid.png"
     flops_cache: dict = {}

@@ -91,3 +91,25 @@ def test_tables_give_mean_and_half_range_over_seeds(study):
                                                 "recall": 0.8})
     assert "| 42.0 ± 2.0 |" in table and "| real (floor) |" in table and "| abc |" in table
     json.dumps(summary)  # results.json holds it
+
+
+def test_a_committed_table_gives_back_the_plotted_summary(study):
+    def row(arm, label, seed, fraction, fid):
+        return {"arm": arm, "label": label, "seed": seed, "fraction": fraction, "step": 10, "parameters": 5,
+                "images_seen": 320, "train_tflops": 2.0 * fraction, "stage_steps": [10], "fid": fid,
+                "kid": 0.01, "kid_std": 0.001, "precision": 0.5, "recall": 0.4, "accuracy": 0.9, "commit": "abc"}
+
+    rows = [row("a", "(a) plain", 0, 1.0, 40.0), row("a", "(a) plain", 1, 1.0, 44.0),
+            row("a", "(a) plain", 0, 0.5, 61.5), row("c", "(c) nested", 0, 1.0, 52.25)]
+    spec = study.StudySpec(name="t", description="two arms", budget_tflops=2.0, eval_fractions=[0.5, 1.0],
+                           seeds=[0, 1], arms=[study.ArmSpec("a", "(a) plain", "x.yaml"),
+                                               study.ArmSpec("c", "(c) nested", "y.yaml")])
+    real = {"label": "1000 real train images", "fid": 18.1, "kid": 0.0, "precision": 0.8, "recall": 0.8}
+    text = f"# t\n\ntwo arms\n\n{study.markdown_tables(spec, rows, real)}"
+    summary, floor = study.summary_from_table(spec, text)
+    got = {(r["arm"], r["fraction"]): (r["fid"], r["fid_spread"], r["seeds"], r["train_tflops"]) for r in summary}
+    assert got == {("a", 0.5): (61.5, 0.0, 1, 1.0), ("a", 1.0): (42.0, 2.0, 2, 2.0),
+                   ("c", 1.0): (52.2, 0.0, 1, 2.0)}  # the table's one decimal
+    assert floor == {"label": "1000 real train images", "fid": 18.1}
+    with pytest.raises(ValueError, match="not the table of t"):
+        study.summary_from_table(spec, text.replace("# t\n", "# other\n", 1))
