@@ -216,6 +216,7 @@ class Options:
     compile: bool = False
     gradient_checkpointing: bool = False
     optimizer: str | None = "foreach"  # OptimConfig.implementation; None: forward + backward only
+    grad_clip: float | None = None  # clip the global gradient norm before the optimizer, as the trainer does
     # matryoshka.cpu_allocator.keep_freed_memory (process-wide: only meaningful for a step measured in
     # its own process, see IsolatedRuns)
     keep_freed_memory: bool = False
@@ -294,6 +295,8 @@ def build_train_step(
                 time_scales=workload.model.time_scales if workload.model.num_frames else None,
             )
         loss.mean().backward()
+        if options.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
