@@ -17,6 +17,7 @@ its YAML and loaded by ours with `load_official`. Steps, each in its own spawned
 - sample: one denoiser call on 2 x batch rows (a guided step, both branches in one batch).
 The official code imports torchvision for an image-saving helper it never calls here; its process gets
 a stand-in module for it, since torchvision's registry builds do not import beside our torch.
+`--profile train` (or sample) shows instead where the fp32 step's time goes, op by op, in both codes.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from perf_common import (  # noqa: E402
     machine_line,
     synthetic_inputs,
 )
+from profile_ops import _mean_profile, op_profile  # noqa: E402
 
 from matryoshka.interop.mlmdm import load_official, read_checkpoint  # noqa: E402
 from matryoshka.models.memory_format import set_memory_format, with_memory_format  # noqa: E402
@@ -162,6 +164,36 @@ def ours_runs(fixture: str, kind: str, path: str, batch: int) -> tuple[dict, dic
     return {"run": run}, {"params": sum(p.numel() for p in model.parameters())}
 
 
+def print_profile(args) -> None:
+    """Op by op (torch.profiler, self CPU time per step), the official fp32 step beside ours, in this
+    process, taking turns over 3 rounds of 5 profiled steps after 3 warm-up steps."""
+    torch.set_num_threads(args.threads)
+    runs = {"official": official_runs(args.official_src, str(args.fixture), args.kind_profiled, "fp32",
+                                      args.batch)[0]["run"],
+            "ours": ours_runs(str(args.fixture), args.kind_profiled, "fp32", args.batch)[0]["run"]}
+    for run in runs.values():
+        for _ in range(3):
+            run()
+    rounds: dict[str, list] = {name: [] for name in runs}
+    for _ in range(3):
+        for name, run in runs.items():
+            rounds[name].append(op_profile(run, 5))
+    (official, official_wall), (ours, ours_wall) = (_mean_profile(rounds[name]) for name in runs)
+    print(f"{args.kind_profiled} step, batch {args.batch}, fp32, {args.threads} thread(s)\n")
+    print("| op | official ms/step | ours ms/step | calls official | calls ours |")
+    print("|---|---:|---:|---:|---:|")
+    nothing = (0.0, 0)
+    for name in sorted(set(official) | set(ours), key=lambda n: -max(official.get(n, nothing)[0],
+                                                                       ours.get(n, nothing)[0]))[:15]:
+        (a, calls_a), (b, calls_b) = official.get(name, nothing), ours.get(name, nothing)
+        print(f"| {name} | {a / 1e3:.2f} | {b / 1e3:.2f} | {calls_a} | {calls_b} |")
+    print()
+    for name, ops, wall in (("official", official, official_wall), ("ours", ours, ours_wall)):
+        in_ops = sum(us for us, _ in ops.values()) / 1e6
+        print(f"{name}: {wall * 1e3:.1f} ms/step under the profiler; ops' self time {in_ops * 1e3:.1f} ms "
+              f"({in_ops / wall:.0%}); {sum(c for _, c in ops.values())} op calls per step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official-src", required=True, help="the ml-mdm-matryoshka folder of apple/ml-mdm")
@@ -173,11 +205,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", dest="kind_profiled", choices=["train", "sample"], default=None,
+                        help="instead: where the fp32 step's time goes, op by op, official beside ours")
     args = parser.parse_args()
     if not (Path(args.official_src) / "ml_mdm").is_dir():
         parser.error(f"--official-src {args.official_src}: no ml_mdm package in it")
     if not (args.fixture / "vis_model.pth").is_file():
         parser.error(f"--fixture {args.fixture}: no vis_model.pth in it")
+    if args.kind_profiled:
+        print(f"machine: {machine_line()}")
+        return print_profile(args)
     print(f"machine: {machine_line()}; {args.threads} thread(s) per process, {args.rounds} rounds of "
           f"{args.calls} calls\n")
     print("| step | official fp32 | official bf16 | ours fp32 | ours over official fp32 | ours bf16 over official "
