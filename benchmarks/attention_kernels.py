@@ -4,7 +4,8 @@
 (stride 1), which lets torch pick its fused flash kernel; the heads of a channels-first activation
 have them L apart, and torch silently falls back to the math kernel (explicit L x L scores). And on the
 CPU the bf16 kernels are slower than the fp32 ones, so `models.layers.attention` computes attention in
-float32 under CPU autocast. This measures both choices at the attention shapes of the tiny presets
+float32 under CPU autocast. The official code's attention is the math kernel on contiguous heads
+(explicit bmm); that layout is measured too. This measures these choices at the attention shapes of the tiny presets
 and of the official 64 px core, round-robin, median of --rounds.
 
     python benchmarks/attention_kernels.py
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # perf_common, beside this script
 
@@ -27,9 +30,13 @@ from perf_common import fmt_speedup, machine_line, time_round_robin  # noqa: E40
 # of the official core at 32 px and 16 px (batch 2).
 SHAPES = (
     ("tiny core, 8x8 px, batch 32", 32, 4, 64, 16),
+    ("nested_tiny fixture core, 8x8 px, batch 8", 8, 8, 64, 8),
     ("official core, 16x16 px, batch 2", 2, 8, 256, 96),
     ("official core, 32x32 px, batch 2", 2, 8, 1024, 64),
 )
+
+
+LAYOUTS = ("strided heads", "contiguous heads", "contiguous heads, math kernel")
 
 
 def case(n: int, heads: int, length: int, d: int, layout: str, dtype: torch.dtype):
@@ -39,9 +46,10 @@ def case(n: int, heads: int, length: int, d: int, layout: str, dtype: torch.dtyp
     def run() -> None:
         q, k, v = qkv.chunk(3, dim=1)
         split = [t.reshape(n, heads, d, length).transpose(-1, -2) for t in (q, k, v)]
-        if layout == "contiguous heads":
+        if layout != "strided heads":
             split = [t.contiguous() for t in split]
-        F.scaled_dot_product_attention(*split).float().square().mean().backward()
+        with sdpa_kernel(SDPBackend.MATH) if layout == "contiguous heads, math kernel" else nullcontext():
+            F.scaled_dot_product_attention(*split).float().square().mean().backward()
 
     run()
     return run
@@ -61,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|", flush=True)
     for label, n, heads, length, d in SHAPES:
         runs, kernels = {}, {}
-        for layout in ("strided heads", "contiguous heads"):
+        for layout in LAYOUTS:
             for dtype in (torch.float32, torch.bfloat16):
                 key = f"{layout}, {str(dtype).removeprefix('torch.')}"
                 runs[key] = case(n, heads, length, d, layout, dtype)
@@ -72,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         timings = time_round_robin(runs, device, args.rounds, 1)
         reference = timings["strided heads, float32"]
         for key, timing in timings.items():
-            layout, dtype = key.split(", ")
+            layout, dtype = key.rsplit(", ", 1)
             print(f"| {label} | {layout} | {dtype} | {kernels[key]} | {timing.median * 1e3:.1f} | "
                   f"{fmt_speedup(reference, timing)} |", flush=True)
     return 0
