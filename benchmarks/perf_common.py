@@ -307,10 +307,11 @@ def build_train_step(
 
 
 def build_forward(workload: Workload, options: Options, device: torch.device, seed: int = 0,
-                  batch: int | None = None) -> Step:
+                  batch: int | None = None, model: NestedUNet | None = None) -> Step:
     """One denoiser forward (as a sampler calls it, no gradients) of `batch` rows (default: the
-    workload's batch) on a noisy synthetic pyramid."""
-    model = build_model(workload, options, device, seed).eval()
+    workload's batch) on a noisy synthetic pyramid. `model`: reuse an already built network (built with
+    the same memory format) instead of building one."""
+    model = (model if model is not None else build_model(workload, options, device, seed)).eval()
     forward = torch.compile(model) if options.compile else model
     rows = batch or workload.batch
     inputs = synthetic_inputs(dataclasses.replace(workload, batch=rows), device, seed)

@@ -38,15 +38,15 @@ from perf_common import (  # noqa: E402
     IsolatedRuns,
     Options,
     Workload,
+    build_forward,
     build_train_step,
     fmt_speedup,
     machine_line,
-    synthetic_inputs,
 )
 from profile_ops import _mean_profile, op_profile  # noqa: E402
 
 from matryoshka.interop.mlmdm import load_official, read_checkpoint  # noqa: E402
-from matryoshka.models.memory_format import set_memory_format, with_memory_format  # noqa: E402
+from matryoshka.models.memory_format import set_memory_format  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ml-mdm" / "nested_tiny"
 OURS = {  # the trainer's defaults: fused AdamW, gradients clipped
@@ -151,17 +151,8 @@ def ours_runs(fixture: str, kind: str, path: str, batch: int) -> tuple[dict, dic
         return {"run": step.run}, {"params": sum(p.numel() for p in model.parameters())}
     if options.precision != "fp32":  # keep autocast's weight casts across calls, as the pipeline does
         torch.autocast("cpu", enabled=False).__enter__()
-    forward = torch.compile(model) if options.compile else model
-    inputs = synthetic_inputs(dataclasses.replace(workload, batch=2 * batch), torch.device("cpu"))
-    pyramid = [with_memory_format(x, memory_format) for x in inputs["noise"]]
-
-    @torch.no_grad()
-    def run() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=options.precision == "bf16"):
-            forward(pyramid, inputs["t"], **inputs["conditioning"])
-
-    run()
-    return {"run": run}, {"params": sum(p.numel() for p in model.parameters())}
+    step = build_forward(workload, options, torch.device("cpu"), batch=2 * batch, model=model)
+    return {"run": step.run}, {"params": sum(p.numel() for p in model.parameters())}
 
 
 def print_profile(args) -> None:
