@@ -6,8 +6,11 @@ guidance interval, guidance rescale or autoguidance, network evaluations counted
 
 Each setting (sampler, steps, interval, sampling seed) is scored once by `matryoshka.evaluation.run`
 (FID/KID against Fashion-MNIST test images, the fidelity classifier) and its report kept in OUT, so a rerun
-skips what is done. NFE counts network rows per sample: a guided step costs two (both branches in one
-batch), a step outside the guidance interval one; Heun calls the network twice per step but the last.
+skips what is done (`--report` tabulates everything scored in OUT so far, over several runs). The table
+gives each setting's FID as mean ± half-range over the sampling seeds, and names the cheapest setting
+within DDIM-50's seed spread of its FID (issue 15's "documented fast setting"). NFE counts network rows
+per sample: a guided step costs two (both branches in one batch), a step outside the guidance interval
+one; Heun calls the network twice per step but the last.
 Writes OUT/table.md and OUT/results.json.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -59,7 +63,14 @@ def main() -> None:
     parser.add_argument("--num-reference", type=int, default=2000)
     parser.add_argument("--fit", default="auto", choices=["auto", "pad", "resize"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report", action="store_true",
+                        help="only tabulate every setting scored so far in OUT (several runs' worth)")
     args = parser.parse_args()
+    if args.report:
+        rows = report_rows(args.out)
+        if not rows:
+            parser.error(f"--report: no scored settings under {args.out}")
+        return write_results(args.out, rows, {"model": str(args.model)})
     torch.set_num_threads(args.threads)
     from matryoshka.cpu_allocator import keep_freed_memory
 
@@ -105,21 +116,82 @@ def main() -> None:
                         report["nfe_per_sample"] = counted.rows / max(1, counted.images)
                         report["interval"] = name
                         report["wall_s"] = time.perf_counter() - started
+                        report.update(sampler=sampler, steps=steps, seed=seed)
                         write_json_report(report, path)
-                    rows.append({"sampler": sampler, "steps": steps, "interval": name, "seed": seed,
-                                 "nfe": report["nfe_per_sample"], "fid": report["fid"], "kid": report["kid"]["mean"],
-                                 "accuracy": report["conditioning"]["accuracy"]})
+                    rows.append(row_of(report, sampler, steps, seed))
                     print(f"{sampler:9s} {steps:3d} steps  {name:14s} seed {seed}: NFE {rows[-1]['nfe']:5.1f}  "
                           f"FID {rows[-1]['fid']:6.2f}  acc {rows[-1]['accuracy']}", flush=True)
-    write_json_report({"model": str(args.model), "guidance": guidance, "rows": rows}, args.out / "results.json")
-    lines = ["| sampler | steps | guidance | NFE / sample | FID | KID x1000 | class acc. |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+    write_results(args.out, rows, {"model": str(args.model), "guidance": guidance})
+
+
+def row_of(report: dict, sampler: str, steps: int, seed: int) -> dict:
+    return {"sampler": sampler, "steps": steps, "interval": report["interval"], "seed": seed,
+            "nfe": report["nfe_per_sample"], "fid": report["fid"], "kid": report["kid"]["mean"],
+            "accuracy": report["conditioning"]["accuracy"]}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per (sampler, steps, guidance variant): FID and KID mean and half-range over the
+    sampling seeds, NFE and class accuracy means; in the order the settings first appear."""
+    groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.1%}"
-        lines.append(f"| {row['sampler']} | {row['steps']} | {row['interval']} | {row['nfe']:.1f} | {row['fid']:.1f} "
-                     f"| {1000 * row['kid']:.2f} | {accuracy} |")
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        groups.setdefault((row["sampler"], row["steps"], row["interval"]), []).append(row)
+    summary = []
+    for (sampler, steps, interval), group in groups.items():
+        fids = [r["fid"] for r in group]
+        accuracies = [r["accuracy"] for r in group if r["accuracy"] is not None]
+        summary.append({"sampler": sampler, "steps": steps, "interval": interval, "seeds": len(group),
+                        "nfe": statistics.fmean(r["nfe"] for r in group), "fid": statistics.fmean(fids),
+                        "fid_spread": (max(fids) - min(fids)) / 2,
+                        "kid": statistics.fmean(r["kid"] for r in group),
+                        "accuracy": statistics.fmean(accuracies) if accuracies else None})
+    return summary
+
+
+def fast_setting(summary: list[dict], reference: tuple = ("ddim", 50, "none")) -> dict | None:
+    """The cheapest setting (fewest network rows per sample; then the lower FID) whose mean FID is within
+    the reference's sampling-seed spread of the reference's mean (at or below mean + half-range). None
+    when the reference was not scored."""
+    ref = next((s for s in summary if (s["sampler"], s["steps"], s["interval"]) == reference), None)
+    if ref is None:
+        return None
+    within = [s for s in summary if s["fid"] <= ref["fid"] + ref["fid_spread"]]
+    return min(within, key=lambda s: (s["nfe"], s["fid"]))
+
+
+def markdown(summary: list[dict]) -> str:
+    lines = ["| sampler | steps | guidance | NFE / sample | seeds | FID | KID x1000 | class acc. |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        accuracy = "-" if s["accuracy"] is None else f"{s['accuracy']:.1%}"
+        fid = f"{s['fid']:.1f}" + (f" ± {s['fid_spread']:.1f}" if s["seeds"] > 1 else "")
+        lines.append(f"| {s['sampler']} | {s['steps']} | {s['interval']} | {s['nfe']:.1f} | {s['seeds']} | {fid} "
+                     f"| {1000 * s['kid']:.2f} | {accuracy} |")
+    fast = fast_setting(summary)
+    if fast is not None:
+        lines += ["", f"Fastest setting within DDIM-50's seed spread: {fast['sampler']}, {fast['steps']} steps, "
+                      f"guidance {fast['interval']} (NFE {fast['nfe']:.1f}, FID {fast['fid']:.1f})."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, rows: list[dict], meta: dict) -> None:
+    """OUT/results.json (every scored run) and OUT/table.md (per setting, mean ± half-range over seeds)."""
+    summary = summarize(rows)
+    write_json_report({**meta, "rows": rows, "summary": summary}, out / "results.json")
+    table = markdown(summary)
+    (out / "table.md").write_text(table)
+    print(table)
+
+
+def report_rows(out: Path) -> list[dict]:
+    """The rows of every report under OUT (what --report tabulates), sorted by setting and seed."""
+    rows = []
+    for path in sorted(out.glob("*/report.json")):
+        report = json.loads(path.read_text())
+        if "sampler" in report:
+            rows.append(row_of(report, report["sampler"], report["steps"], report["seed"]))
+    order = {name: i for i, name in enumerate(available_samplers())}
+    return sorted(rows, key=lambda r: (order.get(r["sampler"], 99), r["steps"], r["interval"], r["seed"]))
 
 
 if __name__ == "__main__":
