@@ -500,19 +500,22 @@ class IsolatedRuns:
         self.close()
 
 
-def train_step_runs(workload: Workload, options: Options, device_name: str = "cpu") -> tuple[dict, dict]:
-    """IsolatedRuns builder: one training step (`run`); info: its first call's seconds and, for compiled
-    steps, the inductor cache's hits and misses during it ("cache")."""
+def train_step_runs(workload: Workload, options: Options, device_name: str = "cpu",
+                    model: NestedUNet | None = None) -> tuple[dict, dict]:
+    """IsolatedRuns builder: one training step (`run`; `model`: a built network, see build_train_step);
+    info: its first call's seconds and, for compiled steps, the inductor cache's hits and misses during it
+    ("cache")."""
     from torch._dynamo.utils import counters
 
     with quiet_compile_logs():
-        step = build_train_step(workload, options, torch.device(device_name))
+        step = build_train_step(workload, options, torch.device(device_name), model=model)
     hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
     cache = f" ({hits} hit/{misses} miss)" if options.compile else ""
     return {"run": step.run}, {"first_call_s": step.first_call_s, "cache": cache}
 
 
-def forward_runs(workload: Workload, options: Options, rows: int, device_name: str = "cpu") -> tuple[dict, dict]:
+def forward_runs(workload: Workload, options: Options, rows: int, device_name: str = "cpu",
+                 model: NestedUNet | None = None) -> tuple[dict, dict]:
     """IsolatedRuns builder: one denoiser forward of `rows` rows (`run`; a guided sampling step of B
     samples is a forward of 2B rows, both branches in one batch); info: its first call's seconds. A
     low-precision forward keeps autocast's weight casts from call to call, as the pipeline's sampling
@@ -521,7 +524,7 @@ def forward_runs(workload: Workload, options: Options, rows: int, device_name: s
     if options.precision != "fp32":
         torch.autocast(device_name, enabled=False).__enter__()
     with quiet_compile_logs():
-        step = build_forward(workload, options, torch.device(device_name), batch=rows)
+        step = build_forward(workload, options, torch.device(device_name), batch=rows, model=model)
     return {"run": step.run}, {"first_call_s": step.first_call_s, "cache": ""}
 
 

@@ -38,10 +38,10 @@ from perf_common import (  # noqa: E402
     IsolatedRuns,
     Options,
     Workload,
-    build_forward,
-    build_train_step,
     fmt_speedup,
+    forward_runs,
     machine_line,
+    train_step_runs,
 )
 from profile_ops import _mean_profile, op_profile  # noqa: E402
 
@@ -106,7 +106,7 @@ def official_runs(source: str, fixture: str, kind: str, precision: str, batch: i
                 losses = model.get_loss(inputs)[0]
                 loss = losses.mean()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 2.0)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad()
     else:
@@ -144,15 +144,12 @@ def ours_runs(fixture: str, kind: str, path: str, batch: int) -> tuple[dict, dic
                                                           Path(fixture) / "config.yaml")
     options = OURS[path]
     workload = Workload("official checkpoint", model_config, diffusion_config, batch)
-    memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
-    model = set_memory_format(model, memory_format)
+    model = set_memory_format(model, torch.channels_last if options.channels_last else torch.preserve_format)
     if kind == "train":
-        step = build_train_step(workload, options, torch.device("cpu"), model=model)
-        return {"run": step.run}, {"params": sum(p.numel() for p in model.parameters())}
-    if options.precision != "fp32":  # keep autocast's weight casts across calls, as the pipeline does
-        torch.autocast("cpu", enabled=False).__enter__()
-    step = build_forward(workload, options, torch.device("cpu"), batch=2 * batch, model=model)
-    return {"run": step.run}, {"params": sum(p.numel() for p in model.parameters())}
+        runs, info = train_step_runs(workload, options, model=model)
+    else:
+        runs, info = forward_runs(workload, options, 2 * batch, model=model)
+    return runs, {**info, "params": workload.parameters}
 
 
 def print_profile(args) -> None:

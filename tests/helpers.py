@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 from matryoshka import sampling
 from matryoshka.schedulers import make_scheduler
 
@@ -31,3 +36,13 @@ def random_model(config, seed: int = 0, scale: float = 0.2):
         for parameter in model.parameters():
             parameter.add_(scale * torch.randn_like(parameter))
     return model.eval()
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses of the module look themselves up here
+    spec.loader.exec_module(module)
+    return module

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sampler_fid():
-    spec = importlib.util.spec_from_file_location("sampler_fid", ROOT / "benchmarks" / "sampler_fid.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sampler_fid"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sampler_fid")
 
 
 def report(sampler, steps, seed, fid, nfe, interval="none"):

@@ -4,19 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import importlib.util
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("versus_official", ROOT / "benchmarks" / "versus_official.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["versus_official"] = module
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 class Schedule(enum.Enum):
@@ -37,7 +26,8 @@ class Outer:
 
 
 def test_nested_dataclasses_and_enums_come_from_their_field_types():
-    built = load_benchmark().build_dataclass(
+    build_dataclass = load_benchmark("versus_official").build_dataclass
+    built = build_dataclass(
         Outer, {"inner": {"channels": [16, 32], "schedule": "DEEPFLOYD"}, "steps": 50, "name": "ignored"})
     assert built == Outer(Inner([16, 32], Schedule.DEEPFLOYD), 50)
-    assert load_benchmark().build_dataclass(Outer, {}) == Outer()  # what the YAML leaves out keeps its default
+    assert build_dataclass(Outer, {}) == Outer()  # what the YAML leaves out keeps its default
