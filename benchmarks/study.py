@@ -5,7 +5,9 @@ points of that budget where every arm is scored, and the evaluation settings). E
 config of the project plus `--set` overrides; its *last* stage is lengthened or shortened so that the
 arm spends the study's budget (torch's FlopCounterMode count of one forward + backward of the trainer's
 own loss, per stage, times the steps), so arms of different step costs and progressive schedules are
-compared at equal training compute.
+compared at equal training compute. An arm with an automatic stage (end_on_plateau) leaves that to the
+trainer (`budget_tflops`: the last stage gets what the earlier ones left) and is scored at its full
+budget only, where it ended.
 
     python benchmarks/study.py configs/study/study32.yaml                 # train + score everything
     python benchmarks/study.py configs/study/study32.yaml --plan          # print the jobs, run nothing
@@ -45,7 +47,7 @@ from matryoshka.evaluation import write_json_report
 from matryoshka.evaluation.run import EvalSettings, Evaluator, distribution_metrics
 from matryoshka.models import NestedUNet
 from matryoshka.training import load_train_config
-from matryoshka.training.config import TrainConfig
+from matryoshka.training.config import TrainConfig, steps_within_budget
 from matryoshka.training.flops import training_step_flops
 from matryoshka.typed_config import ConfigError, load_yaml, require
 
@@ -104,10 +106,11 @@ class Budget:
 
     config: TrainConfig
     stage_flops: list[float]
+    ended: dict[int, int] = field(default_factory=dict)  # automatic stages that ended -> their steps
 
     @property
     def bounds(self) -> list[int]:
-        return self.config.stage_bounds()
+        return self.config.stage_bounds(self.ended, self.stage_flops)
 
     def stage_of(self, step: int) -> int:
         """The stage that trained step `step` (1-based: step s is the s-th optimiser step)."""
@@ -147,15 +150,16 @@ class Budget:
         return self.config.stages[self.stage_of(step)].levels == self.config.mdm.model.num_levels
 
 
-def last_stage_steps(config: TrainConfig, stage_flops: list[float], budget_flops: float) -> int:
-    """Steps of the last stage that make the run spend `budget_flops` (the earlier stages as configured)."""
-    earlier = sum(stage.steps * flops for stage, flops in zip(config.stages[:-1], stage_flops[:-1], strict=True))
-    steps = round((budget_flops - earlier) / stage_flops[-1])
-    if steps < 1:
-        raise ConfigError(
-            "budget_tflops", f"{budget_flops / 1e12:.2f} TFLOP do not cover the earlier stages ({earlier / 1e12:.2f})"
-        )
-    return steps
+def budget_overrides(config: TrainConfig, stage_flops: list[float], budget_flops: float) -> list[str]:
+    """What makes the run spend `budget_flops`: its last stage's steps; or, where a stage may end on its
+    plateau (so what the last stage gets is known only then), the trainer's own budget, the last stage
+    allowed every step the budget could pay for."""
+    last = len(config.stages) - 1
+    if any(stage.end_on_plateau is not None for stage in config.stages):
+        most = steps_within_budget(budget_flops, [0] * last, stage_flops)
+        return [f"budget_tflops={budget_flops / 1e12!r}", f"stages.{last}.steps={most}"]
+    steps = steps_within_budget(budget_flops, [stage.steps for stage in config.stages[:-1]], stage_flops)
+    return [f"stages.{last}.steps={steps}"]
 
 
 @dataclass
@@ -173,22 +177,36 @@ class ArmPlan:
     def config_path(self) -> Path:
         return ROOT / self.arm.config
 
+    @property
+    def automatic(self) -> bool:
+        """Whether a stage may end on its plateau (so the run's length is known only when it has)."""
+        return self.config.budget_tflops is not None
+
     def run_dir(self, runs: Path) -> Path:
         return runs / self.arm.name / f"seed{self.seed}"
 
 
-def plan_arm(spec: StudySpec, arm: ArmSpec, seed: int, flops_cache: dict) -> ArmPlan:
+def plan_arm(spec: StudySpec, arm: ArmSpec, seed: int, flops_cache: dict, runs: Path | None = None) -> ArmPlan:
+    """The arm for `seed`, its last stage sized to the budget; an automatic arm's stage ends as far as its
+    run under `runs` has decided them."""
     base = [*spec.set, *arm.set, f"seed={seed}"]
     config = load_train_config(ROOT / arm.config, base)
     key = (arm.config, tuple(spec.set), tuple(arm.set))  # the seed does not change FLOPs
     if key not in flops_cache:
         flops_cache[key] = [training_step_flops(config, i) for i in range(len(config.stages))]
     stage_flops = flops_cache[key]
-    steps = last_stage_steps(config, stage_flops, spec.budget_tflops * 1e12)
-    overrides = [*base, f"stages.{len(config.stages) - 1}.steps={steps}"]
+    overrides = [*base, *budget_overrides(config, stage_flops, spec.budget_tflops * 1e12)]
     config = load_train_config(ROOT / arm.config, overrides)
     parameters = sum(p.numel() for p in NestedUNet(config.mdm.model).parameters())
-    return ArmPlan(arm, seed, overrides, config, Budget(config, stage_flops), parameters)
+    plan = ArmPlan(arm, seed, overrides, config, Budget(config, stage_flops), parameters)
+    if plan.automatic and spec.eval_fractions != [1.0]:
+        raise ConfigError(
+            "eval_fractions", f"arm {arm.name} ends a stage on its plateau, so its points of the budget are known "
+            "only when it has: score it at [1.0] only (a study of its own)",
+        )
+    if plan.automatic and runs is not None:
+        plan.budget.ended = stage_ends(plan.run_dir(runs))
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,6 +217,15 @@ def latest_checkpoint_step(run_dir: Path) -> int:
     root = run_dir / "checkpoints"
     steps = [int(p.name.split("-")[1]) for p in root.glob("step-*") if p.name[5:].isdigit()] if root.is_dir() else []
     return max(steps, default=0)
+
+
+def stage_ends(run_dir: Path) -> dict[int, int]:
+    """The automatic stages that have ended in the run's newest checkpoint -> the steps they ran."""
+    step = latest_checkpoint_step(run_dir)
+    if step == 0:
+        return {}
+    state = json.loads((run_dir / "checkpoints" / f"step-{step:07d}" / "state.json").read_text())
+    return {int(k): int(v) for k, v in (state.get("stage_ends") or {}).items()}
 
 
 def train_until(plan: ArmPlan, run_dir: Path, step: int, threads: int) -> tuple[float, list[str]]:
@@ -268,6 +295,10 @@ def score_point(plan: ArmPlan, step: int, fraction: float, runs: Path, evaluator
     if latest_checkpoint_step(run_dir) > step:
         raise RuntimeError(f"{run_dir} is past step {step} but has no report for it: score it from a copy")
     seconds, command = train_until(plan, run_dir, step, threads)
+    if plan.automatic:  # its stage ends are known now: the run ended where its budget did
+        plan.budget.ended = stage_ends(run_dir)
+        step = plan.budget.bounds[-1]
+        path = report_path(runs, plan, step)
     print(f"[{plan.arm.name}/seed{plan.seed}] trained to step {step} in {seconds:.0f} s", flush=True)
     started = time.perf_counter()
     pipe = MatryoshkaPipeline.from_pretrained(run_dir / "model")
@@ -517,7 +548,7 @@ def main() -> None:
     runs = args.runs / spec.name
     plot_path = args.plot or runs / "fid.png"
     flops_cache: dict = {}
-    plans = {(arm.name, seed): plan_arm(spec, arm, seed, flops_cache) for arm in spec.arms for seed in spec.seeds}
+    plans = {(arm.name, seed): plan_arm(spec, arm, seed, flops_cache, runs) for arm in spec.arms for seed in spec.seeds}
 
     if args.plan:
         counts = [p.parameters for p in plans.values()]

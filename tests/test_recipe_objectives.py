@@ -316,3 +316,64 @@ def test_an_automatic_stage_needs_held_out_items(tmp_path):
 
     with pytest.raises(ConfigError, match="end_on_plateau"):
         train(plateau_config(["data.dataset=shards", "data.path=x.tar"]), tmp_path / "run")
+
+
+def budget_config(budget_tflops: float, extra: list[str] | None = None):
+    # The last stage may run 1000 steps; the budget ends it much sooner.
+    return plateau_config([f"budget_tflops={budget_tflops!r}", "stages.1.steps=1000", *(extra or [])])
+
+
+def stage_step_flops() -> list[float]:
+    from matryoshka.training.flops import training_step_flops
+
+    config = plateau_config()
+    return [training_step_flops(config, i) for i in range(2)]
+
+
+def test_a_budget_sizes_the_last_stage_from_what_the_earlier_ones_ran():
+    config = budget_config(1.0)  # 1 TFLOP
+    flops = [1e9, 4e9]
+    assert config.stage_bounds({}, flops) == [0, 12, 12 + round((1e12 - 12e9) / 4e9)]
+    assert config.stage_bounds({0: 5}, flops) == [0, 5, 5 + round((1e12 - 5e9) / 4e9)]  # the plateau's leftover
+    assert budget_config(100.0).stage_bounds({}, flops) == [0, 12, 1012]  # capped by the stage's steps
+    assert budget_config(1.0).stage_bounds({0: 5, 1: 7}, flops) == [0, 5, 12]  # the last stage ended on its own
+    with pytest.raises(ConfigError, match="budget_tflops"):
+        budget_config(0.01).stage_bounds({}, flops)  # 10 GFLOP < 12 steps x 1 GFLOP
+    with pytest.raises(ValueError, match="FLOPs"):
+        config.stage_bounds({})
+    with pytest.raises(ConfigError, match="budget_tflops"):
+        budget_config(-1.0)
+
+
+def test_a_budgeted_run_spends_its_budget_after_an_automatic_stage(tmp_path):
+    from matryoshka.training import read_metrics, train
+    from matryoshka.training.optim import learning_rate
+
+    flops = stage_step_flops()
+    budget = 12 * flops[0] + 3 * flops[1]  # 3 steps of the last stage had the first run all its 12
+    result = train(budget_config(budget / 1e12), tmp_path / "run")
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    end = sum(1 for r in records if r["stage"] == 0)
+    assert 2 <= end < 12  # the automatic stage ended early ...
+    last = result.step - end  # ... and the last stage took the compute it left
+    assert last == round((budget - end * flops[0]) / flops[1]) > 3
+    assert abs(end * flops[0] + last * flops[1] - budget) <= flops[1] / 2
+    config = budget_config(budget / 1e12)
+    lrs = [r["lr"] for r in records if r["stage"] == 1]  # the last stage's schedule spans its actual length
+    expected = [learning_rate(i, last, config.optim.lr, config.optim.warmup_steps, config.optim.schedule,
+                              config.optim.min_lr_ratio) for i in range(last)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_a_budgeted_run_resumes_bit_exactly(tmp_path):
+    from matryoshka.training import train
+
+    budget = sum(n * f for n, f in zip((12, 3), stage_step_flops(), strict=True)) / 1e12
+    whole = train(budget_config(budget), tmp_path / "whole")
+    for cut in (1, whole.step - 2):  # inside the automatic stage, inside the budgeted last stage
+        run = tmp_path / f"cut{cut}"
+        train(budget_config(budget), run, max_steps=cut)
+        resumed = train(budget_config(budget), run, resume=True)
+        assert resumed.step == whole.step
+        for key, value in whole.ema_model.state_dict().items():
+            assert torch.equal(value, resumed.ema_model.state_dict()[key]), (cut, key)

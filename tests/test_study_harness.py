@@ -42,9 +42,35 @@ def test_budget_points_and_progressive_stages(study):
     assert budget.flops_until(5) == 4 + 3
     assert budget.step_at_fraction(0.5) == 7  # 4 + 3 * 3 = 13 >= 11
     assert not budget.full_model_at(4) and budget.full_model_at(5)
-    assert study.last_stage_steps(config, [1.0, 3.0], 40.0) == 12  # (40 - 4) / 3
+    assert study.budget_overrides(config, [1.0, 3.0], 40.0) == ["stages.1.steps=12"]  # (40 - 4) / 3
     with pytest.raises(ValueError, match="do not cover the earlier stages"):
-        study.last_stage_steps(config, [1.0, 3.0], 3.0)
+        study.budget_overrides(config, [1.0, 3.0], 3.0)
+
+
+def test_an_automatic_arm_is_sized_by_the_trainer_and_read_back_from_its_run(study, tmp_path: Path):
+    """A stage that may end on its plateau leaves the last stage's length to the trainer's budget; the plan
+    reads where it ended from the run's newest checkpoint, and scores only at the full budget."""
+    from matryoshka.training.testing import tiny_config
+
+    automatic = "stages=[{levels: 1, steps: 4, end_on_plateau: {every: 1}}, {levels: 2, steps: 6}]"
+    config = tiny_config([automatic])
+    assert study.budget_overrides(config, [1.0, 3.0], 40.0) == ["budget_tflops=4e-11", "stages.1.steps=13"]
+    config = tiny_config([automatic, "budget_tflops=4e-11", "stages.1.steps=13"])
+    budget = study.Budget(config, [1.0, 3.0])
+    assert budget.bounds == [0, 4, 16]  # 4 + 36 / 3
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000010"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text(json.dumps({"stage_ends": {"0": 1}}))
+    budget.ended = study.stage_ends(tmp_path / "run")
+    assert budget.ended == {0: 1} and budget.bounds == [0, 1, 14]  # 1 + 39 / 3: the last stage took the rest
+    assert budget.total_flops == pytest.approx(40.0, abs=1.5)
+    spec = study.load_spec(ROOT / "configs" / "study" / "diagnose32.yaml")
+    arm = next(a for a in spec.arms if any("end_on_plateau" in s for s in a.set))
+    plan = study.plan_arm(spec, arm, 0, {})
+    assert plan.automatic and plan.config.budget_tflops == spec.budget_tflops
+    spec.eval_fractions = [0.5, 1.0]
+    with pytest.raises(ValueError, match="eval_fractions"):
+        study.plan_arm(spec, arm, 0, {})
 
 
 def test_jobs_go_breadth_first_and_a_rerun_continues(study, tmp_path: Path):

@@ -13,6 +13,7 @@ that cannot work is refused with the field's dotted path in the message.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import re
 from dataclasses import dataclass, field
@@ -247,9 +248,15 @@ class TrainConfig:
     lora: LoRAConfig | None = None
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
     seed: int = 0
+    # Training compute of the run, in TFLOP (torch's count of each stage's optimizer step, forward and
+    # backward, times its steps: matryoshka.training.flops): the last stage ends where the run has spent
+    # it, its `steps` staying its maximum. With automatic stages (end_on_plateau) the compute an earlier
+    # stage leaves unspent goes to the last one. null = every stage runs its `steps`.
+    budget_tflops: float | None = None
 
     def validate(self) -> None:
         num_levels = self.mdm.model.num_levels
+        require(self.budget_tflops is None or self.budget_tflops > 0, "budget_tflops", "must be positive (or null)")
         require(len(self.stages) >= 1, "stages", "needs at least one stage")
         previous = 0
         for i, stage in enumerate(self.stages):
@@ -308,15 +315,31 @@ class TrainConfig:
     def total_steps(self) -> int:
         return sum(stage.steps for stage in self.stages)
 
-    def stage_bounds(self, ended: dict[int, int] | None = None) -> list[int]:
+    def stage_bounds(self, ended: dict[int, int] | None = None, stage_flops: list[float] | None = None) -> list[int]:
         """Global step at which each stage starts, plus the total: [0, s0, s0 + s1, ...].
 
-        ended: stage index -> the steps it actually ran, for stages that ended on a plateau."""
+        ended: stage index -> the steps it actually ran, for stages that ended on a plateau.
+        stage_flops: each stage's FLOPs per optimizer step; needed with budget_tflops, which sizes the last
+        stage (until the earlier ones have ended, as if they ran all their steps)."""
         ended = ended or {}
-        bounds = [0]
-        for index, stage in enumerate(self.stages):
-            bounds.append(bounds[-1] + ended.get(index, stage.steps))
-        return bounds
+        steps = [ended.get(index, stage.steps) for index, stage in enumerate(self.stages)]
+        last = len(steps) - 1
+        if self.budget_tflops is not None and last not in ended:
+            if stage_flops is None:
+                raise ValueError("budget_tflops: the stage bounds need each stage's FLOPs per step")
+            steps[last] = min(steps[last], steps_within_budget(self.budget_tflops * 1e12, steps[:-1], stage_flops))
+        return list(itertools.accumulate(steps, initial=0))
+
+
+def steps_within_budget(budget_flops: float, earlier_steps: list[int], stage_flops: list[float]) -> int:
+    """Steps of the last stage that make a run spend `budget_flops`, after its earlier stages' steps."""
+    earlier = sum(steps * flops for steps, flops in zip(earlier_steps, stage_flops[:-1], strict=True))
+    steps = round((budget_flops - earlier) / stage_flops[-1])
+    if steps < 1:
+        raise ConfigError(
+            "budget_tflops", f"{budget_flops / 1e12:.2f} TFLOP do not cover the earlier stages ({earlier / 1e12:.2f})"
+        )
+    return steps
 
 
 _EXPONENT_NUMBER = re.compile(r"^[-+]?\d+[eE][-+]?\d+$")

@@ -134,6 +134,7 @@ class Run:
     sharded: bool
     result: TrainResult
     precision: str = "fp32"  # optim.precision resolved ("auto" -> what this machine runs fastest)
+    stage_flops: list[float] | None = None  # FLOPs of each stage's optimizer step, when budget_tflops sizes the last
     previous: tuple[dict, dict, int] | None = None  # (weights, EMA weights, levels) of the last stage
 
     @property
@@ -146,7 +147,7 @@ class Run:
 
     @property
     def bounds(self) -> list[int]:
-        return self.config.stage_bounds(self.ended)
+        return self.config.stage_bounds(self.ended, self.stage_flops)
 
     @property
     def last_step(self) -> int:
@@ -201,7 +202,8 @@ def start_run(
         save_yaml(config, out_dir / "config.yaml")
     step = saved["step"] if saved else 0
     ended = {int(k): int(v) for k, v in (saved.get("stage_ends") or {}).items()} if saved else {}
-    bounds = config.stage_bounds(ended)
+    stage_flops = budgeted_stage_flops(config)
+    bounds = config.stage_bounds(ended, stage_flops)
     last_step = bounds[-1] if max_steps is None else min(bounds[-1], max_steps)
 
     final = config.mdm.model
@@ -253,8 +255,18 @@ def start_run(
         config, out_dir, runtime, max_steps, saved, start, step, saved["stage"] if saved else 0,
         saved["samples_seen"] if saved else 0, ended, faults, stream, conditioner, config.logging.sample_prompts,
         monitor, autocast_dtype, scaler, config.distributed == "fsdp" and runtime.distributed,
-        TrainResult(step, saved["stage"] if saved else 0, None, start), precision,
+        TrainResult(step, saved["stage"] if saved else 0, None, start), precision, stage_flops,
     )
+
+
+def budgeted_stage_flops(config: TrainConfig) -> list[float] | None:
+    """Each stage's FLOPs per optimizer step, counted once at the start, when budget_tflops sizes the last
+    stage; else None (nothing to count)."""
+    if config.budget_tflops is None:
+        return None
+    from matryoshka.training.flops import training_step_flops  # it imports this module's loss
+
+    return [training_step_flops(config, index) for index in range(len(config.stages))]
 
 
 def training_precision(config: TrainConfig, device: torch.device, runtime: distributed.Runtime,
@@ -380,7 +392,7 @@ def optimizer_step(run: Run, stage: Stage) -> bool:
     config, device, runtime = run.config, run.device, run.runtime
     final = config.mdm.model
     stage.lr = learning_rate(
-        run.step - stage.start, stage.config.steps, stage.base_lr, stage.warmup, config.optim.schedule,
+        run.step - stage.start, stage.end - stage.start, stage.base_lr, stage.warmup, config.optim.schedule,
         config.optim.min_lr_ratio,
     )
     for group in stage.optimizer.param_groups:
