@@ -377,3 +377,11 @@ def test_a_budgeted_run_resumes_bit_exactly(tmp_path):
         assert resumed.step == whole.step
         for key, value in whole.ema_model.state_dict().items():
             assert torch.equal(value, resumed.ema_model.state_dict()[key]), (cut, key)
+
+
+def test_a_budget_the_earlier_stages_exceed_is_refused_before_anything_is_written(tmp_path):
+    from matryoshka.training import train
+
+    with pytest.raises(ConfigError, match="budget_tflops.*do not cover the earlier stages"):
+        train(budget_config(1e-6), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

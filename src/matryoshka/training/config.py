@@ -337,7 +337,8 @@ def steps_within_budget(budget_flops: float, earlier_steps: list[int], stage_flo
     steps = round((budget_flops - earlier) / stage_flops[-1])
     if steps < 1:
         raise ConfigError(
-            "budget_tflops", f"{budget_flops / 1e12:.2f} TFLOP do not cover the earlier stages ({earlier / 1e12:.2f})"
+            "budget_tflops", f"{budget_flops / 1e12:.4g} TFLOP do not cover the earlier stages ({earlier / 1e12:.4g} "
+            "TFLOP): raise it, or shorten them",
         )
     return steps
 

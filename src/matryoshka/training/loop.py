@@ -196,14 +196,14 @@ def start_run(
     saved = read_state(start) if start is not None else None
     if saved is not None:
         check_resumable(config, saved)
+    step = saved["step"] if saved else 0
+    ended = {int(k): int(v) for k, v in (saved.get("stage_ends") or {}).items()} if saved else {}
+    stage_flops = budgeted_stage_flops(config)
+    bounds = config.stage_bounds(ended, stage_flops)  # refuses a budget the earlier stages exceed
     if runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(checkpoints)
         save_yaml(config, out_dir / "config.yaml")
-    step = saved["step"] if saved else 0
-    ended = {int(k): int(v) for k, v in (saved.get("stage_ends") or {}).items()} if saved else {}
-    stage_flops = budgeted_stage_flops(config)
-    bounds = config.stage_bounds(ended, stage_flops)
     last_step = bounds[-1] if max_steps is None else min(bounds[-1], max_steps)
 
     final = config.mdm.model
