@@ -112,6 +112,12 @@ class Budget:
     def bounds(self) -> list[int]:
         return self.config.stage_bounds(self.ended, self.stage_flops)
 
+    @property
+    def stage_steps(self) -> list[int]:
+        """The steps each stage runs (an automatic one: as far as its run has decided)."""
+        bounds = self.bounds
+        return [end - start for start, end in zip(bounds, bounds[1:], strict=False)]
+
     def stage_of(self, step: int) -> int:
         """The stage that trained step `step` (1-based: step s is the s-th optimiser step)."""
         for i in range(len(self.config.stages)):
@@ -278,7 +284,7 @@ def point_row(plan: ArmPlan, step: int, fraction: float) -> dict:
         "arm": plan.arm.name, "label": plan.arm.label, "seed": plan.seed, "fraction": fraction, "step": step,
         "parameters": plan.parameters, "images_seen": budget.images_until(step),
         "train_tflops": budget.flops_until(step) / 1e12, "step_gflops": [f / 1e9 for f in budget.stage_flops],
-        "stage": budget.stage_of(step), "stage_steps": [s.steps for s in plan.config.stages],
+        "stage": budget.stage_of(step), "stage_steps": budget.stage_steps,
     }
 
 

@@ -63,6 +63,7 @@ def test_an_automatic_arm_is_sized_by_the_trainer_and_read_back_from_its_run(stu
     (checkpoint / "state.json").write_text(json.dumps({"stage_ends": {"0": 1}}))
     budget.ended = study.stage_ends(tmp_path / "run")
     assert budget.ended == {0: 1} and budget.bounds == [0, 1, 14]  # 1 + 39 / 3: the last stage took the rest
+    assert budget.stage_steps == [1, 13]  # what the tables say it ran (not the configured maximum)
     assert budget.total_flops == pytest.approx(40.0, abs=1.5)
     spec = study.load_spec(ROOT / "configs" / "study" / "diagnose32.yaml")
     arm = next(a for a in spec.arms if any("end_on_plateau" in s for s in a.set))
