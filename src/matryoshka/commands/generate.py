@@ -13,7 +13,7 @@ from matryoshka.commands.common import UsageError, check_device, refuse_existing
 
 DEFAULT_MODEL_NAME = "fashion-t2i"
 TRAIN_HINT = (
-    "train one with `matryoshka train configs/fashion_t2i_32x16.yaml --out runs/fashion-t2i` and pass its "
+    "train one with `matryoshka train configs/fashion_t2i_32x16_sigmoid.yaml --out runs/fashion-t2i` and pass its "
     "exported model directory with --model"
 )
 
