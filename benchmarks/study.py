@@ -47,8 +47,10 @@ from matryoshka.evaluation import write_json_report
 from matryoshka.evaluation.run import EvalSettings, Evaluator, distribution_metrics
 from matryoshka.models import NestedUNet
 from matryoshka.training import load_train_config
+from matryoshka.training.checkpoint import read_state
 from matryoshka.training.config import TrainConfig, steps_within_budget
 from matryoshka.training.flops import training_step_flops
+from matryoshka.training.loop import saved_stage_ends
 from matryoshka.typed_config import ConfigError, load_yaml, require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,22 +122,23 @@ class Budget:
 
     def stage_of(self, step: int) -> int:
         """The stage that trained step `step` (1-based: step s is the s-th optimiser step)."""
+        bounds = self.bounds
         for i in range(len(self.config.stages)):
-            if step <= self.bounds[i + 1]:
+            if step <= bounds[i + 1]:
                 return i
-        raise ValueError(f"step {step} is past the end of the run ({self.bounds[-1]})")
+        raise ValueError(f"step {step} is past the end of the run ({bounds[-1]})")
 
     def flops_until(self, step: int) -> float:
-        total = 0.0
+        total, bounds = 0.0, self.bounds
         for i, flops in enumerate(self.stage_flops):
-            start, end = self.bounds[i], self.bounds[i + 1]
+            start, end = bounds[i], bounds[i + 1]
             total += max(0, min(step, end) - start) * flops
         return total
 
     def images_until(self, step: int) -> int:
-        total = 0
+        total, bounds = 0, self.bounds
         for i, stage in enumerate(self.config.stages):
-            start, end = self.bounds[i], self.bounds[i + 1]
+            start, end = bounds[i], bounds[i + 1]
             total += max(0, min(step, end) - start) * (stage.batch_size or self.config.data.batch_size)
         return total * self.config.optim.grad_accum
 
@@ -228,10 +231,7 @@ def latest_checkpoint_step(run_dir: Path) -> int:
 def stage_ends(run_dir: Path) -> dict[int, int]:
     """The automatic stages that have ended in the run's newest checkpoint -> the steps they ran."""
     step = latest_checkpoint_step(run_dir)
-    if step == 0:
-        return {}
-    state = json.loads((run_dir / "checkpoints" / f"step-{step:07d}" / "state.json").read_text())
-    return {int(k): int(v) for k, v in (state.get("stage_ends") or {}).items()}
+    return saved_stage_ends(read_state(run_dir / "checkpoints" / f"step-{step:07d}")) if step else {}
 
 
 def train_until(plan: ArmPlan, run_dir: Path, step: int, threads: int) -> tuple[float, list[str]]:

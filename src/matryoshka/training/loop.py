@@ -197,7 +197,7 @@ def start_run(
     if saved is not None:
         check_resumable(config, saved)
     step = saved["step"] if saved else 0
-    ended = {int(k): int(v) for k, v in (saved.get("stage_ends") or {}).items()} if saved else {}
+    ended = saved_stage_ends(saved) if saved else {}
     stage_flops = budgeted_stage_flops(config)
     bounds = config.stage_bounds(ended, stage_flops)  # refuses a budget the earlier stages exceed
     if runtime.is_main:
@@ -637,6 +637,11 @@ def progress_state(ended: dict[int, int], plateau: PlateauTracker | None) -> dic
     """What a checkpoint records of automatic stage ends: the stages that ended early, and the running
     plateau decision of the current stage."""
     return {"stage_ends": {str(k): v for k, v in ended.items()}, "plateau": plateau.to_dict() if plateau else None}
+
+
+def saved_stage_ends(state: dict[str, Any]) -> dict[int, int]:
+    """The stage ends a checkpoint's state.json recorded (`progress_state`): stage index -> steps it ran."""
+    return {int(k): int(v) for k, v in (state.get("stage_ends") or {}).items()}
 
 
 def save_checkpoint(
