@@ -385,3 +385,29 @@ def test_a_budget_the_earlier_stages_exceed_is_refused_before_anything_is_writte
     with pytest.raises(ConfigError, match="budget_tflops.*do not cover the earlier stages"):
         train(budget_config(1e-6), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_may_keep_its_learning_rate_constant_under_a_cosine_run(tmp_path):
+    from matryoshka.training import read_metrics, train
+    from matryoshka.training.optim import learning_rate
+    from matryoshka.training.testing import tiny_config
+
+    config = tiny_config([
+        "optim.schedule=cosine", "optim.warmup_steps=1", "optim.min_lr_ratio=0.1",
+        "stages=[{levels: 1, steps: 5, lr_schedule: constant}, {levels: 2, steps: 5}]",
+    ])
+    train(config, tmp_path / "run")
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    lr = config.optim.lr
+    core = [r["lr"] for r in records if r["stage"] == 0]
+    nested = [r["lr"] for r in records if r["stage"] == 1]
+    assert core == pytest.approx([lr] * 5)  # warm-up of one step, then constant
+    assert nested == pytest.approx([learning_rate(i, 5, lr, 1, "cosine", 0.1) for i in range(5)])
+    assert nested[-1] < 0.5 * lr
+
+
+def test_a_stage_learning_rate_schedule_is_validated():
+    from matryoshka.training.testing import tiny_config
+
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.lr_schedule"):
+        tiny_config(["stages=[{levels: 1, steps: 5, lr_schedule: linear}]"])

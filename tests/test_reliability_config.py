@@ -68,6 +68,8 @@ def stage_dicts(draw, clean: bool) -> dict[str, Any]:
         stage["batch_size"] = pick(st.sampled_from([2, 4]), st.one_of(st.just(0), NOT_AN_INT))
     if draw(st.integers(0, 4)) == 0:
         stage["warmup_steps"] = pick(st.sampled_from([0, 2]), st.just(-1))
+    if draw(st.integers(0, 4)) == 0:
+        stage["lr_schedule"] = pick(st.sampled_from(["constant", "cosine"]), st.sampled_from(["linear", 1]))
     if not clean and draw(st.integers(0, 8)) == 0:
         stage[draw(st.sampled_from(["level", "step", "lvls", "learning_rate"]))] = 1
     return stage
@@ -93,8 +95,8 @@ def wrong_fields(stages: Any) -> set[str]:
     if not stages:
         return {"stages"}
     wrong: set[str] = set()
-    known = {"levels", "steps", "level_weights", "lr", "batch_size", "warmup_steps", "frames_as_images",
-             "init_inner_from"}
+    known = {"levels", "steps", "level_weights", "lr", "batch_size", "warmup_steps", "lr_schedule",
+             "frames_as_images", "init_inner_from"}
     previous = 0
     for i, stage in enumerate(stages):
         path = f"stages[{i}]"
@@ -118,6 +120,8 @@ def wrong_fields(stages: Any) -> set[str]:
         warmup = stage.get("warmup_steps")
         if warmup is not None and warmup < 0:
             wrong.add(f"{path}.warmup_steps")
+        if stage.get("lr_schedule", "constant") not in ("constant", "cosine"):
+            wrong.add(f"{path}.lr_schedule")
         if is_int(levels) and levels >= 1:
             previous = max(previous, levels)
     return wrong

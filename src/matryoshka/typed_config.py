@@ -42,9 +42,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return None
             raise ConfigError(path, f"must not be null (expected {tp})")
         errors = []
-        for option in options:
-            if option is type(None):
-                continue
+        concrete = [option for option in options if option is not type(None)]
+        if len(concrete) == 1:  # an optional field: its one type's error says what is allowed
+            return _convert(value, concrete[0], path)
+        for option in concrete:
             try:
                 return _convert(value, option, path)
             except ConfigError as err:

@@ -156,6 +156,9 @@ class StageConfig:
     lr: float | None = None  # null = optim.lr
     batch_size: int | None = None  # null = data.batch_size
     warmup_steps: int | None = None  # null = optim.warmup_steps
+    # null = optim.schedule. A stage that ends on a plateau wants "constant": under a cosine that anneals
+    # over the stage's maximum the held-out loss keeps falling with the learning rate, so it never plateaus.
+    lr_schedule: Literal["constant", "cosine"] | None = None
     # Start from a trained model as the inner model: one of our model directories, or an official
     # ml-mdm checkpoint file (converted with matryoshka.interop.load_official). For a video model this may
     # be an image model: it is inflated (matryoshka.video.inflate_image_model).

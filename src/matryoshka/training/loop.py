@@ -300,6 +300,7 @@ class Stage:
     optimizer: torch.optim.Optimizer
     base_lr: float
     warmup: int
+    lr_schedule: str  # "constant" or "cosine"
     schedule: PyramidSchedule
     batch_size: int
     parameters: list[torch.nn.Parameter]
@@ -372,7 +373,8 @@ def open_stage(run: Run, stage_index: int) -> Stage:
     wrapped.train()
     result = Stage(
         stage_index, stage, mdm, bounds[stage_index], bounds[stage_index + 1], model, ema_model, wrapped, forward, ema,
-        optimizer, base_lr, warmup, schedule, stage.batch_size or config.data.batch_size,
+        optimizer, base_lr, warmup, stage.lr_schedule or config.optim.schedule, schedule,
+        stage.batch_size or config.data.batch_size,
         trainable,  # once per stage: walking the module tree costs time every step
         LossWindow(mdm.model.num_levels, device),
     )
@@ -392,7 +394,7 @@ def optimizer_step(run: Run, stage: Stage) -> bool:
     config, device, runtime = run.config, run.device, run.runtime
     final = config.mdm.model
     stage.lr = learning_rate(
-        run.step - stage.start, stage.end - stage.start, stage.base_lr, stage.warmup, config.optim.schedule,
+        run.step - stage.start, stage.end - stage.start, stage.base_lr, stage.warmup, stage.lr_schedule,
         config.optim.min_lr_ratio,
     )
     for group in stage.optimizer.param_groups:
