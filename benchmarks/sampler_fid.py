@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=available_samplers(), choices=available_samplers())
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 8, 12, 20, 50])
     parser.add_argument("--interval", default="none,0.3:5",
-                        help="comma-separated guidance intervals in sigma, LO:HI, or 'none' (default none,0.3:5)")
+                        help="comma-separated guidance intervals in sigma, LO:HI, or 'none' (default none,0.3:5); "
+                        "'' with --guide-model: autoguidance only")
     parser.add_argument("--rescale", type=float, nargs="+", default=[0.0], help="guidance rescale values")
     parser.add_argument("--guide-model", default=None, help="also score autoguidance with this weaker model")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds")
@@ -78,13 +79,14 @@ def main() -> None:
     pipe = MatryoshkaPipeline.from_pretrained(args.model)
     guidance = args.guidance if args.guidance is not None else pipe.config.sampling.guidance_scale
     intervals: dict[str, GuidanceInterval | None] = {}
-    for text in args.interval.split(","):
-        text = text.strip()
+    for text in filter(None, (part.strip() for part in args.interval.split(","))):
         if text == "none":
             intervals["none"] = None
         else:
             low, high = (float(v) for v in text.split(":"))
             intervals[f"sigma {low:g}..{high:g}"] = GuidanceInterval(low, high)
+    if not intervals and not args.guide_model:
+        parser.error("--interval '' leaves nothing to score without --guide-model")
     guide = MatryoshkaPipeline.from_pretrained(args.guide_model) if args.guide_model else None
     variants = [(f"{name}" + (f", rescale {r:g}" if r else ""), {"guidance_interval": interval,
                                                                  "guidance_rescale": r})
