@@ -526,6 +526,19 @@ def load_spec(path: Path) -> StudySpec:
     return load_yaml(StudySpec, path)
 
 
+def selection_error(spec: StudySpec, arms: list[str] | None, seeds: list[int] | None) -> str | None:
+    """What is wrong with --arms / --seeds for this spec (a selection outside it would run nothing), or None."""
+    names = [arm.name for arm in spec.arms]
+    unknown_arms = [a for a in arms or [] if a not in names]
+    if unknown_arms:
+        return f"--arms {' '.join(unknown_arms)}: not in {spec.name} (its arms: {', '.join(names)})"
+    unknown_seeds = [s for s in seeds or [] if s not in spec.seeds]
+    if unknown_seeds:
+        return (f"--seeds {' '.join(map(str, unknown_seeds))}: not in {spec.name}'s seeds {spec.seeds} "
+                "(add them to the spec's `seeds`)")
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("spec", type=Path, help="a study YAML (configs/study/*.yaml)")
@@ -542,6 +555,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = load_spec(args.spec)
+    if error := selection_error(spec, args.arms, args.seeds):
+        parser.error(error)
     if args.replot:
         if not args.replot.is_file():
             parser.error(f"--replot {args.replot}: no such file")

@@ -136,3 +136,11 @@ def test_a_committed_table_gives_back_the_plotted_summary(study):
     assert floor == {"label": "1000 real train images", "fid": 18.1}
     with pytest.raises(ValueError, match="not the table of t"):
         study.summary_from_table(spec, text.replace("# t\n", "# other\n", 1))
+
+
+def test_a_selection_outside_the_spec_is_refused_not_silently_empty(study):
+    spec = study.load_spec(ROOT / "configs/study/diagnose32.yaml")
+    assert study.selection_error(spec, ["a", "c"], spec.seeds) is None
+    assert "--arms nope: not in diagnose32" in study.selection_error(spec, ["a", "nope"], None)
+    missing = max(spec.seeds) + 1
+    assert f"--seeds {missing}: not in diagnose32's seeds" in study.selection_error(spec, None, [missing])
