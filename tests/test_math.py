@@ -41,7 +41,7 @@ def test_cosine_logsnr_endpoints():
 
 @given(
     gamma=st.floats(1e-6, 1 - 1e-6),
-    scale=st.sampled_from([2, 4, 16]),
+    scale=st.sampled_from([0.25, 0.5, 2, 4, 16]),
     power=st.sampled_from([0.5, 1.0, 2.0]),
 )
 @settings(max_examples=60, deadline=None)
@@ -58,6 +58,23 @@ def test_shift_keeps_base_level_and_endpoints():
     shifted = sched.shift(g, 4, 1.0)
     assert shifted[0] == 1.0
     assert torch.all(shifted[1:] < g[1:])  # higher resolution = noisier at the same t
+
+
+def test_base_snr_scale_below_one_anchors_the_schedule_at_the_top_level():
+    """base_snr_scale 0.5 on a 32/16 model: the 32 px level gets the unshifted schedule (a single-level
+    32 px model's), the 16 px level twice its SNR."""
+    unshifted = PyramidSchedule.from_config(DiffusionConfig(), [1]).gammas[0]
+    anchored = PyramidSchedule.from_config(DiffusionConfig(base_snr_scale=0.5), [2, 1]).gammas
+    torch.testing.assert_close(anchored[0], unshifted, rtol=1e-12, atol=1e-15)
+    snr = lambda g: g[1:-1] / (1 - g[1:-1])  # noqa: E731
+    torch.testing.assert_close(snr(anchored[1]), 2 * snr(unshifted), rtol=1e-9, atol=0)
+
+
+def test_official_rescale_schedule_at_or_below_one_leaves_the_schedule_unshifted():
+    from matryoshka.interop.mlmdm import _diffusion
+
+    assert _diffusion({"sampler_config": {"rescale_schedule": 0.5}}, 1).base_snr_scale == 1.0
+    assert _diffusion({"sampler_config": {"rescale_schedule": 4.0}}, 1).base_snr_scale == 4.0
 
 
 def test_spaced_timesteps_official_values():

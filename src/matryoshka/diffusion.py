@@ -36,7 +36,8 @@ class DiffusionConfig:
     beta_end: float = 0.02
     logsnr_min: float = -5.0  # cosine_logsnr only
     logsnr_max: float = 5.0
-    # SNR of the whole base schedule divided by base_snr_scale**shift_power (ml-mdm's rescale_schedule).
+    # SNR of the whole base schedule divided by base_snr_scale**shift_power (ml-mdm's rescale_schedule,
+    # which ignores factors <= 1; here 0.5 doubles the SNR, e.g. to anchor the schedule at the top level).
     base_snr_scale: float = 1.0
     # Per-level shift: a level `s` times the base side gets SNR / s**shift_power. When false, ml-mdm
     # instead divides that level's signal by s (and multiplies it back after sampling).

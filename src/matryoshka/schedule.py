@@ -100,10 +100,11 @@ def shift(gamma: torch.Tensor, scale: float, power: float = 1.0) -> torch.Tensor
     """Shift alpha-bar so that SNR' = SNR / scale**power (any shape, any float dtype).
 
     gamma' = gamma / (gamma + scale**p * (1 - gamma)), which is 1 / (1 + scale**p (1 - gamma) / gamma)
-    written so that gamma = 1 stays exactly 1 and gamma = 0 stays 0. scale <= 1 leaves gamma as it is:
-    the base level is never shifted.
+    written so that gamma = 1 stays exactly 1 and gamma = 0 stays 0. scale = 1 (the base level) leaves
+    gamma as it is; scale < 1 raises the SNR (e.g. `base_snr_scale: 0.5` anchors a 2-level model's
+    schedule at its top level, which then gets the unshifted schedule).
     """
-    if scale <= 1:
+    if scale == 1:
         return gamma
     factor = float(scale) ** float(power)
     return gamma / (gamma + factor * (1 - gamma))

@@ -177,7 +177,8 @@ def _diffusion(cfg: dict, num_levels: int) -> DiffusionConfig:
         num_train_steps=int(sampler.get("num_diffusion_steps", 1000)),
         beta_start=float(sampler.get("beta_start", 1e-4)),
         beta_end=float(sampler.get("beta_end", 0.02)),
-        base_snr_scale=float(_none(sampler.get("rescale_schedule")) or 1.0),
+        # ml-mdm rescales only by factors above 1 (get_schedule_shifted); a smaller one leaves it unshifted
+        base_snr_scale=max(1.0, float(_none(sampler.get("rescale_schedule")) or 1.0)),
         shift_schedule=bool(sampler.get("schedule_shifted", False)),
         shift_power=float(sampler.get("schedule_shifted_power", 1.0)),
         prediction=prediction,
