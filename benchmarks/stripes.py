@@ -6,9 +6,13 @@ energy at high horizontal frequencies (|f_x| >= 1/4 cycle per pixel, any f_y) wi
 vertical frequencies; the ratio (horizontal / vertical) is 1 for isotropic texture. Real Fashion-MNIST
 images give the reference ratio (garments are taller than wide and have seams, so it is not 1); a model
 with streak artifacts gives a clearly larger one. Also: the mean absolute difference between neighbouring
-columns and between neighbouring rows.
+columns and between neighbouring rows, and how much of each image's energy (mean removed) lies in radial
+frequency bands (cycles per pixel): a model that draws too little texture has less than the real images
+in the upper bands.
 
     python benchmarks/stripes.py --models runs/study/diagnose32/a/seed0/model runs/study/diagnose32/c/seed0/model
+    python benchmarks/stripes.py --size 64 --fit resize --models runs/study/study64/c/seed1/model \
+        --timesteps 953,906,858,810,763,715,667,620,572,524,477,429,381,334,286,238,191,143,95,48,21,0
 """
 
 from __future__ import annotations
@@ -38,8 +42,15 @@ def anisotropy(images: torch.Tensor) -> dict[str, float]:
     ratio = (horizontal / vertical.clamp(min=1e-12)).median()
     column_diff = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
     row_diff = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    radius = (fx**2 + fy**2).sqrt()
+    total = power.sum(dim=(-2, -1)).clamp(min=1e-12)
+    bands = {f"band_{lo:g}_{hi:g}": float((power[:, (radius >= lo) & (radius < hi)].sum(-1) / total).mean())
+             for lo, hi in BANDS}
     return {"hf_ratio_median": float(ratio), "column_step": float(column_diff), "row_step": float(row_diff),
-            "column_over_row": float(column_diff / row_diff)}
+            "column_over_row": float(column_diff / row_diff), **bands}
+
+
+BANDS = ((0.05, 0.1), (0.1, 0.2), (0.2, 0.71))  # radial frequency, cycles per pixel (0.71: the corner)
 
 
 def main() -> None:
@@ -49,10 +60,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--size", type=int, default=32, help="side of the real images (the models' top level)")
+    parser.add_argument("--fit", default="pad", choices=["pad", "resize"], help="how 28 px images reach --size")
+    parser.add_argument("--timesteps", default=None,
+                        help="a custom time grid, comma-separated, ending at 0 (instead of --steps)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    data = FashionMNIST("test", image_size=32, channels=1)
+    data = FashionMNIST("test", image_size=args.size, channels=1, fit=args.fit)
+    timesteps = [int(v) for v in args.timesteps.split(",")] if args.timesteps else None
     rng = np.random.default_rng(0)
     real = torch.stack([data.image_tensor(int(i)) for i in rng.choice(len(data), args.samples, replace=False)])
     rows = {"real test images": anisotropy(real)}
@@ -63,15 +79,17 @@ def main() -> None:
         for i in range(0, args.samples, 100):
             condition = ({"prompt": [caption_for_label(c, random.Random(j)) for j, c in enumerate(labels[i:i + 100])]}
                          if pipe.is_text_conditional else {"class_labels": labels[i : i + 100]})
-            batches.append(pipe(**condition, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                                generator=i, progress=False).tensors[0])
+            batches.append(pipe(**condition, num_inference_steps=args.steps, timesteps=timesteps,
+                                guidance_scale=args.guidance, generator=i, progress=False).tensors[0])
         images = torch.cat(batches)
         rows[model] = anisotropy(images)
-    print("| images | HF energy, horizontal / vertical (median) | column step | row step | column / row |")
-    print("|---|---:|---:|---:|---:|")
+    band_names = [f"band_{lo:g}_{hi:g}" for lo, hi in BANDS]
+    print("| images | HF energy, horizontal / vertical (median) | column step | row step | column / row | "
+          + " | ".join(f"energy {lo:g}-{hi:g}" for lo, hi in BANDS) + " |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(BANDS))
     for name, r in rows.items():
         print(f"| {name} | {r['hf_ratio_median']:.2f} | {r['column_step']:.3f} | {r['row_step']:.3f} "
-              f"| {r['column_over_row']:.2f} |")
+              f"| {r['column_over_row']:.2f} | " + " | ".join(f"{r[b]:.4f}" for b in band_names) + " |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

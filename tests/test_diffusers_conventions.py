@@ -17,6 +17,7 @@ from matryoshka.diffusion import DiffusionConfig
 from matryoshka.model_dir import MDMConfig, save_model_dir
 from matryoshka.models import LevelConfig, ModelConfig
 from matryoshka.pipeline import MatryoshkaPipeline, available_samplers
+from matryoshka.schedule import spaced_timesteps
 from matryoshka.schedulers import (
     SCHEDULERS,
     DDIMScheduler,
@@ -94,6 +95,19 @@ def test_the_loop_by_hand_is_what_the_pipeline_runs(class_dir):
     torch.testing.assert_close(piped.images, (by_hand + 1) / 2)
     with pytest.raises(RuntimeError, match="all 4 steps were taken"):
         scheduler.step(output, sample)
+
+
+def test_custom_timesteps_replace_the_step_count(pipe):
+    """timesteps= (diffusers' argument): the official grid given by hand equals num_inference_steps; another
+    grid changes the images; a grid that does not end at the clean image is refused."""
+    official = spaced_timesteps(pipe.schedule.num_train_steps, STEPS)
+    by_count = call(pipe, output_type="pt").tensors[0]
+    by_grid = call(pipe, num_inference_steps=999, timesteps=official.tolist(), output_type="pt").tensors[0]
+    assert torch.equal(by_count, by_grid)
+    longer = call(pipe, timesteps=[*official.tolist()[:-1], 5, 0], output_type="pt").tensors[0]
+    assert not torch.allclose(longer, by_count)
+    with pytest.raises(ValueError, match="must end at 0"):
+        call(pipe, timesteps=official.tolist()[:-1])
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))

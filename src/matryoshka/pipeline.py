@@ -382,6 +382,7 @@ class MatryoshkaPipeline:
         num_inference_steps: int | None = None,
         guidance_scale: float | Sequence[float] | None = None,
         sampler: str | None = None,
+        timesteps: Sequence[int] | Sequence[float] | torch.Tensor | None = None,
         eta: float | None = None,
         generator: torch.Generator | int | list[torch.Generator] | None = None,
         num_images_per_prompt: int = 1,
@@ -408,6 +409,9 @@ class MatryoshkaPipeline:
 
         num_inference_steps, guidance_scale: None takes the model directory's recommended settings
             (`config.sampling`; the official 50 steps at guidance 7.5 unless the model says else).
+        timesteps: a custom time grid (diffusers' `timesteps`): strictly decreasing state times in [0, T]
+            ending at 0, e.g. [953, 906, ..., 48, 0]; num_inference_steps is then ignored. Integer times index
+            the training tables, float times interpolate log-SNR between them.
         sampler: a scheduler shorthand ("ddim", "ddpm", "dpmpp_2m", "euler", "heun"); None: `self.scheduler`
             (swap it with `pipe.scheduler = X.from_config(pipe.scheduler.config)`). eta: DDIM's eta (None:
             the scheduler's).
@@ -448,6 +452,9 @@ class MatryoshkaPipeline:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if timesteps is not None and float(torch.as_tensor(timesteps).reshape(-1)[-1]) != 0:
+            grid = torch.as_tensor(timesteps).tolist()
+            raise ValueError(f"timesteps must end at 0 (the clean image), got {grid}")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         scales = self._check_guidance(guidance_scale)
@@ -463,8 +470,9 @@ class MatryoshkaPipeline:
         noise = self._initial_noise(latents, batch, generator)
         schedule = self.schedule.to(self.device)
         scheduler.set_timesteps(
-            num_inference_steps, schedule, prediction=self.config.diffusion.prediction,
-            threshold=self.config.diffusion.threshold,
+            None if timesteps is not None else num_inference_steps, schedule,
+            prediction=self.config.diffusion.prediction, threshold=self.config.diffusion.threshold,
+            timesteps=timesteps,
         )
         replace_levels = None
         if init_image is not None:
