@@ -8,10 +8,12 @@ images give the reference ratio (garments are taller than wide and have seams, s
 with streak artifacts gives a clearly larger one. Also: the mean absolute difference between neighbouring
 columns and between neighbouring rows, and how much of each image's energy (mean removed) lies in radial
 frequency bands (cycles per pixel): a model that draws too little texture has less than the real images
-in the upper bands.
+in the upper bands. --levels: the same for every level of a nested model's samples and for its output
+pooled to each of the given sizes (real images pooled as the training pyramid pools them), to see at
+which level texture goes missing.
 
     python benchmarks/stripes.py --models runs/study/diagnose32/a/seed0/model runs/study/diagnose32/c/seed0/model
-    python benchmarks/stripes.py --size 64 --fit resize --models runs/study/study64/c/seed1/model \
+    python benchmarks/stripes.py --size 64 --fit resize --levels 32 16 --models runs/study/study64/c/seed1/model \
         --timesteps 953,906,858,810,763,715,667,620,572,524,477,429,381,334,286,238,191,143,95,48,21,0
 """
 
@@ -27,6 +29,7 @@ import torch
 
 from matryoshka.data import FashionMNIST, caption_for_label
 from matryoshka.pipeline import MatryoshkaPipeline
+from matryoshka.pyramid import downsample
 
 
 def anisotropy(images: torch.Tensor) -> dict[str, float]:
@@ -53,6 +56,29 @@ def anisotropy(images: torch.Tensor) -> dict[str, float]:
 BANDS = ((0.05, 0.1), (0.1, 0.2), (0.2, 0.71))  # radial frequency, cycles per pixel (0.71: the corner)
 
 
+def sample_rows(model: str, args: argparse.Namespace, timesteps: list[int] | None, real: torch.Tensor) -> dict:
+    """The model's class-balanced samples measured; for each size of --levels also the output and the real
+    images pooled to it and a nested model's own level of that size."""
+    pipe = MatryoshkaPipeline.from_pretrained(model)
+    labels = [i % 10 for i in range(args.samples)]
+    batches = []
+    for i in range(0, args.samples, 100):
+        condition = ({"prompt": [caption_for_label(c, random.Random(j)) for j, c in enumerate(labels[i:i + 100])]}
+                     if pipe.is_text_conditional else {"class_labels": labels[i : i + 100]})
+        batches.append(pipe(**condition, num_inference_steps=args.steps, timesteps=timesteps,
+                            guidance_scale=args.guidance, generator=i, progress=False).tensors)
+    levels = [torch.cat([batch[level] for batch in batches]) for level in range(len(batches[0]))]
+    rows = {model: anisotropy(levels[0])}
+    by_size = {level.shape[-1]: level for level in levels[1:]}
+    for size in args.levels:
+        factor = real.shape[-1] // size
+        rows[f"real test images pooled to {size} px"] = anisotropy(downsample(real, factor))
+        if size in by_size:
+            rows[f"{model}: its {size} px level"] = anisotropy(by_size[size])
+        rows[f"{model}: output pooled to {size} px"] = anisotropy(downsample(levels[0], factor))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", required=True,
@@ -64,6 +90,8 @@ def main() -> None:
     parser.add_argument("--fit", default="pad", choices=["pad", "resize"], help="how 28 px images reach --size")
     parser.add_argument("--timesteps", default=None,
                         help="a custom time grid, comma-separated, ending at 0 (instead of --steps)")
+    parser.add_argument("--levels", type=int, nargs="*", default=[],
+                        help="sizes (px): the output pooled to each, and a nested model's level of that size")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -73,16 +101,8 @@ def main() -> None:
     real = torch.stack([data.image_tensor(int(i)) for i in rng.choice(len(data), args.samples, replace=False)])
     rows = {"real test images": anisotropy(real)}
     for model in args.models:
-        pipe = MatryoshkaPipeline.from_pretrained(model)
-        labels = [i % 10 for i in range(args.samples)]
-        batches = []
-        for i in range(0, args.samples, 100):
-            condition = ({"prompt": [caption_for_label(c, random.Random(j)) for j, c in enumerate(labels[i:i + 100])]}
-                         if pipe.is_text_conditional else {"class_labels": labels[i : i + 100]})
-            batches.append(pipe(**condition, num_inference_steps=args.steps, timesteps=timesteps,
-                                guidance_scale=args.guidance, generator=i, progress=False).tensors[0])
-        images = torch.cat(batches)
-        rows[model] = anisotropy(images)
+        rows.update(sample_rows(model, args, timesteps, real))
+
     band_names = [f"band_{lo:g}_{hi:g}" for lo, hi in BANDS]
     print("| images | HF energy, horizontal / vertical (median) | column step | row step | column / row | "
           + " | ".join(f"energy {lo:g}-{hi:g}" for lo, hi in BANDS) + " |")
