@@ -31,6 +31,7 @@ import fcntl
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -242,12 +243,32 @@ def train_until(plan: ArmPlan, run_dir: Path, step: int, threads: int) -> tuple[
         command += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "matryoshka.cli", *command[1:]], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    result = run_child([sys.executable, "-m", "matryoshka.cli", *command[1:]], env)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return time.perf_counter() - started, command
+
+
+def run_child(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a child process to its end; if the study is stopped meanwhile (Ctrl-C, or SIGTERM through
+    `exit_on_sigterm`), stop the child too, so that no orphan keeps writing a run the lock no longer guards."""
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as child:
+        try:
+            stdout, stderr = child.communicate()
+        except BaseException:
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            raise
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so that `run_child` cleans up as it does on Ctrl-C."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 @contextmanager
@@ -553,6 +574,7 @@ def main() -> None:
     parser.add_argument("--replot", type=Path, default=None, metavar="TABLE.md",
                         help="only redraw the plot from a committed table (docs/study/NAME.md); run nothing")
     args = parser.parse_args()
+    exit_on_sigterm()
     torch.set_num_threads(args.threads)
     spec = load_spec(args.spec)
     if error := selection_error(spec, args.arms, args.seeds):

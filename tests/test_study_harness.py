@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +148,31 @@ def test_a_selection_outside_the_spec_is_refused_not_silently_empty(study):
     assert "--arms nope: not in diagnose32" in study.selection_error(spec, ["a", "nope"], None)
     missing = max(spec.seeds) + 1
     assert f"--seeds {missing}: not in diagnose32's seeds" in study.selection_error(spec, None, [missing])
+
+
+def test_stopping_the_study_stops_its_training_child(tmp_path: Path):
+    """SIGTERM to the study (a queue being stopped) must not leave the training process it started running
+    on: that orphan would go on writing a run whose lock has been released."""
+    child_pid = tmp_path / "child.pid"
+    child = tmp_path / "child.py"  # stands in for `matryoshka train`
+    child.write_text(f"import os, time\nopen({str(child_pid)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    script = tmp_path / "harness.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "from helpers import load_benchmark\n"
+        "study = load_benchmark('study')\n"
+        "study.exit_on_sigterm()\n"
+        f"study.run_child([sys.executable, {str(child)!r}], dict(os.environ))\n"
+    )
+    harness = subprocess.Popen([sys.executable, str(script)], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (child_pid.exists() and child_pid.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = int(child_pid.read_text())
+    harness.send_signal(signal.SIGTERM)
+    assert harness.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists(), "the training child outlived the stopped study"
