@@ -31,6 +31,8 @@ from matryoshka.data import FashionMNIST, caption_for_label
 from matryoshka.pipeline import MatryoshkaPipeline
 from matryoshka.pyramid import downsample
 
+BANDS = ((0.05, 0.1), (0.1, 0.2), (0.2, 0.71))  # radial frequency, cycles per pixel (0.71: the corner)
+
 
 def anisotropy(images: torch.Tensor) -> dict[str, float]:
     """images (N, 1, H, W) in [-1, 1] -> high-frequency energy ratios and neighbour differences."""
@@ -51,9 +53,6 @@ def anisotropy(images: torch.Tensor) -> dict[str, float]:
              for lo, hi in BANDS}
     return {"hf_ratio_median": float(ratio), "column_step": float(column_diff), "row_step": float(row_diff),
             "column_over_row": float(column_diff / row_diff), **bands}
-
-
-BANDS = ((0.05, 0.1), (0.1, 0.2), (0.2, 0.71))  # radial frequency, cycles per pixel (0.71: the corner)
 
 
 def sample_rows(model: str, args: argparse.Namespace, timesteps: list[int] | None, real: torch.Tensor) -> dict:
@@ -95,8 +94,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    try:
+        timesteps = [int(v) for v in args.timesteps.split(",")] if args.timesteps else None
+    except ValueError:
+        parser.error(f"--timesteps {args.timesteps}: give integers separated by commas, ending at 0")
+    if timesteps is not None and timesteps[-1] != 0:
+        parser.error(f"--timesteps {args.timesteps}: the grid must end at 0 (the clean image)")
+    if bad := [size for size in args.levels if size < 1 or args.size % size]:
+        parser.error(f"--levels {bad[0]}: each size must divide --size {args.size}")
     data = FashionMNIST("test", image_size=args.size, channels=1, fit=args.fit)
-    timesteps = [int(v) for v in args.timesteps.split(",")] if args.timesteps else None
     rng = np.random.default_rng(0)
     real = torch.stack([data.image_tensor(int(i)) for i in rng.choice(len(data), args.samples, replace=False)])
     rows = {"real test images": anisotropy(real)}
